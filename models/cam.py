@@ -1,0 +1,105 @@
+"""Multi-scale, flip-fused class activation maps (METHODS.md §1, "Multi-scale CAM").
+
+Per scale the image and its horizontal flip go through the network as one batch of 2B; each map is resized
+to the input size (bilinear), fused as max(original, un-flipped flip), ReLU'd, and summed over scales; then
+every image and class is min-max normalised to [0, 1] and classes absent from the image's tags are zeroed.
+The fusion is flip-equivariant by construction: the CAM of a flipped image is the flipped CAM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CamModel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _raw_cams(model, x: torch.Tensor, heads: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """Token-grid CAMs before ReLU; a ToCo-like model gives every head from one pass, a callable one map."""
+    if hasattr(model, "cams"):
+        return tuple(model.cams(x, heads, relu=False))
+    if len(heads) != 1:
+        raise ValueError("a plain callable gives one CAM per call; pass one head")
+    return (model(x),)
+
+
+def normalise_cams(
+    cams: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Per image and class min-max to [0, 1]; absent classes (labels (B, K) multi-hot) and padding are 0.
+
+    cams (B, K, H, W); valid (B, H, W) bool marks real pixels (padding is excluded from min and max).
+    The reference divides by (max − min) + eps, so a constant map becomes 0 instead of NaN.
+    """
+    B, K = cams.shape[:2]
+    if valid is None:
+        low = cams.amin(dim=(-2, -1), keepdim=True)  # (B, K, 1, 1)
+        high = cams.amax(dim=(-2, -1), keepdim=True)
+    else:
+        inside = valid[:, None]  # (B, 1, H, W)
+        big = torch.finfo(cams.dtype).max
+        low = torch.where(inside, cams, big).amin(dim=(-2, -1), keepdim=True)
+        high = torch.where(inside, cams, -big).amax(dim=(-2, -1), keepdim=True)
+        low = torch.where(low == big, torch.zeros_like(low), low)  # images without a valid pixel
+        high = torch.maximum(high, low)
+    cams = (cams - low).clamp_min(0) / (high - low + eps)
+    keep = torch.ones_like(cams, dtype=torch.bool)
+    if valid is not None:
+        keep = keep & valid[:, None]
+    if labels is not None:
+        keep = keep & (labels.view(B, K, 1, 1) > 0)
+    return torch.where(keep, cams, torch.zeros_like(cams))
+
+
+def multiscale_cam(
+    model: CamModel,
+    images: torch.Tensor,
+    scales: Sequence[float] = (1.0, 0.5, 1.5),
+    *,
+    head: str | tuple[str, ...] = "final",
+    labels: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-5,
+):
+    """Normalised multi-scale + flip CAMs at the input resolution, (B, K, H, W) float32.
+
+    ``model``: a ToCo (its ``cams(x, head, relu=False)`` is used; ``head`` may be a tuple such as
+    ("aux", "final") to get several maps from one encoder pass per scale, returned as a tuple) or any
+    callable images (N, 3, h, w) → CAMs (N, K, h', w'). ``labels`` (B, K) multi-hot zeroes absent classes;
+    ``valid`` (B, H, W) bool excludes padding. Wrap the call in ``torch.no_grad()`` when no gradient is wanted.
+    """
+    B, _, H, W = images.shape
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    totals: list[torch.Tensor | None] = [None] * len(heads)
+    for scale in scales:
+        if scale == 1.0:
+            x = images
+        else:
+            x = F.interpolate(images, size=(int(H * scale), int(W * scale)), mode="bilinear", align_corners=False)
+        x = torch.cat([x, x.flip(-1)], dim=0)  # (2B, 3, h, w): one pass for both orientations
+        for i, cam in enumerate(_raw_cams(model, x, heads)):
+            cam = F.interpolate(cam.float(), size=(H, W), mode="bilinear", align_corners=False)  # (2B, K, H, W)
+            cam = F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))  # (B, K, H, W)
+            totals[i] = cam if totals[i] is None else totals[i] + cam
+    out = tuple(normalise_cams(total, labels, valid, eps) for total in totals)
+    return out[0] if isinstance(head, str) else out
+
+
+def cams_at_tokens(cams: torch.Tensor, grid: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Image-resolution CAMs (B, K, H, W) resampled to the token grid (B, K, h, w), e.g. for PTC labels.
+
+    ``bilinear`` (the reference) samples near each token's centre; ``area`` averages the token's pixels.
+    """
+    if mode == "area":
+        return F.adaptive_avg_pool2d(cams, grid)
+    return F.interpolate(cams, size=grid, mode=mode, align_corners=False)
+
+
+def valid_at_tokens(valid: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) bool padding mask → (B, h, w) bool: a token is valid when most of its pixels are."""
+    return F.adaptive_avg_pool2d(valid[:, None].float(), grid)[:, 0] > 0.5

@@ -1,0 +1,205 @@
+"""ToCo: a timm ViT with max-pooled CAM classifiers, a LargeFOV segmentation head and a CTC projection head.
+
+METHODS.md §1. One encoder pass per view gives everything a training step needs: the final patch tokens
+(after the final LayerNorm) for the classifier, the CAM, the segmentation head and PTC; the tokens of
+block ``aux_layer`` (−3, *before* the final norm) for the auxiliary classifier and its CAM; and the class
+token for CTC. No head uses the class token for classification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.backbone import create_vit, patch_grid
+from models.ctc import EmaTeacher, ProjectionHead
+
+HEADS = ("final", "aux")
+
+
+@dataclass(frozen=True)
+class ToCoConfig:
+    """The network of METHODS.md §1; defaults are the reference's VOC values."""
+
+    backbone: str = "vit_base_patch16_224"  # any timm ViT with forward_intermediates
+    num_classes: int = 20  # K foreground classes
+    img_size: int = 448  # grid the position embedding is resized to (28×28 tokens at patch 16)
+    patch_size: int | None = None  # None: the backbone name's patch size
+    pretrained: str = "none"  # "none", "hub" or a local .safetensors / .pth file
+    drop_path_rate: float = 0.0
+    freeze_pos_embed: bool = True  # the reference freezes the interpolated position embedding
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    aux_layer: int = -3  # block whose (pre-norm) tokens feed the auxiliary classifier
+    use_aux: bool = True
+    use_seg_head: bool = True
+    use_ctc: bool = True
+    seg_dim: int = 512  # LargeFOV hidden channels
+    seg_dilation: int = 5
+    proj_hidden_dim: int = 2048
+    proj_bottleneck_dim: int = 256
+    proj_out_dim: int = 1024
+    proj_norm_last_layer: bool = True  # weight-norm magnitude fixed at 1 (DINO)
+    ema_momentum: float = 0.9  # teacher ← m·teacher + (1 − m)·student
+
+    def validate(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not 0.0 <= self.ema_momentum <= 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1], got {self.ema_momentum}")
+        if self.aux_layer == -1:
+            raise ValueError("aux_layer -1 is the last block; the auxiliary head needs an earlier one")
+
+
+class LargeFOV(nn.Module):
+    """DeepLab-LargeFOV head: two dilated 3×3 convs with ReLU, then a 1×1 classifier."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 512, dilation: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_dim, hidden_dim, 3, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=dilation, dilation=dilation)
+        self.classifier = nn.Conv2d(hidden_dim, out_dim, 1)
+        for conv in (self.conv1, self.conv2, self.classifier):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return self.classifier(x)
+
+
+class ToCo(nn.Module):
+    def __init__(self, cfg: ToCoConfig = ToCoConfig(), backbone: nn.Module | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else create_vit(
+            cfg.backbone, img_size=cfg.img_size, pretrained=cfg.pretrained, patch_size=cfg.patch_size,
+            drop_path_rate=cfg.drop_path_rate, freeze_pos_embed=cfg.freeze_pos_embed, **cfg.backbone_kwargs)
+        depth = len(self.backbone.blocks)
+        if not -depth <= cfg.aux_layer < depth:
+            raise ValueError(f"aux_layer {cfg.aux_layer} is outside the backbone's {depth} blocks")
+        self.aux_index = cfg.aux_layer % depth
+        self.num_prefix_tokens = self.backbone.num_prefix_tokens
+        self.has_class_token = getattr(self.backbone, "cls_token", None) is not None
+        dim = self.backbone.num_features
+        K = cfg.num_classes
+        self.classifier = nn.Conv2d(dim, K, 1, bias=False)
+        self.aux_classifier = nn.Conv2d(dim, K, 1, bias=False) if cfg.use_aux else None
+        self.seg_head = LargeFOV(dim, K + 1, cfg.seg_dim, cfg.seg_dilation) if cfg.use_seg_head else None
+        self.proj_head = self.teacher = None
+        if cfg.use_ctc:
+            if not self.has_class_token:
+                raise ValueError(f"backbone {cfg.backbone!r} has no class token; CTC needs one "
+                                 "(set use_ctc: false or pick a ViT with a class token)")
+            self.proj_head = ProjectionHead(dim, cfg.proj_hidden_dim, cfg.proj_bottleneck_dim, cfg.proj_out_dim,
+                                            cfg.proj_norm_last_layer)
+            self.teacher = EmaTeacher(self.proj_head, cfg.ema_momentum)
+
+    # ----------------------------------------------------------------------------------------- encoder
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """One encoder pass: final tokens (B, C, h, w) after the final norm, aux tokens before it, class token."""
+        final, (aux_tokens,) = self.backbone.forward_intermediates(
+            x, indices=[self.aux_index], norm=False, output_fmt="NCHW")  # final: (B, prefix + h*w, C) normed
+        B, _, C = final.shape
+        h, w = aux_tokens.shape[-2:]
+        tokens = final[:, self.num_prefix_tokens:].reshape(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w)
+        cls_token = final[:, 0] if self.has_class_token else None  # (B, C)
+        return {"tokens": tokens, "aux_tokens": aux_tokens, "cls_token": cls_token}
+
+    def class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Final (normed) class token only, for the extra CTC views (B, C)."""
+        if not self.has_class_token:
+            raise ValueError("this backbone has no class token")
+        return self.backbone.forward_features(x)[:, 0]
+
+    # ----------------------------------------------------------------------------------------- heads
+    @staticmethod
+    def _pooled_logits(classifier: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_max_pool2d(tokens, 1)  # (B, C, 1, 1): global max pooling
+        return classifier(pooled).flatten(1)  # (B, K)
+
+    def forward(self, x: torch.Tensor, *, with_heads: bool = True, with_seg: bool = True,
+                with_proj: bool = False) -> dict[str, torch.Tensor | None]:
+        """Logits (B, K), aux logits (B, K), tokens, aux tokens, class token (B, C), seg (B, K+1, h, w).
+
+        ``with_heads=False`` skips the classifiers and the seg head (extra CTC views); ``with_proj`` adds the
+        student and teacher projections of the class token (``proj``, ``proj_teacher``), so that a DDP-wrapped
+        model reaches every trainable parameter through its forward.
+        """
+        out = self.encode(x)
+        with_seg = with_seg and with_heads and self.seg_head is not None
+        with_aux = with_heads and self.aux_classifier is not None
+        out["logits"] = self._pooled_logits(self.classifier, out["tokens"]) if with_heads else None
+        out["aux_logits"] = self._pooled_logits(self.aux_classifier, out["aux_tokens"]) if with_aux else None
+        out["seg"] = self.seg_head(out["tokens"]) if with_seg else None
+        if with_proj:
+            out["proj"] = self.project(out["cls_token"])
+            out["proj_teacher"] = self.project_teacher(out["cls_token"])
+        return out
+
+    def _cam_head(self, head: str) -> nn.Conv2d:
+        if head == "final":
+            return self.classifier
+        if head == "aux":
+            if self.aux_classifier is None:
+                raise ValueError("the auxiliary classifier is disabled (use_aux: false)")
+            return self.aux_classifier
+        raise ValueError(f"unknown CAM head {head!r}; expected one of {HEADS}")
+
+    def cams(self, x: torch.Tensor, head: str | tuple[str, ...] = "final", *, relu: bool = True):
+        """CAMs at the token grid: the classifier's 1×1 conv on the unpooled map, (B, K, h, w).
+
+        ``head`` may be a tuple such as ("aux", "final"): one encoder pass, a tuple of maps back.
+        With only the aux head the encoder stops after block ``aux_layer``.
+        """
+        heads = (head,) if isinstance(head, str) else tuple(head)
+        convs = [self._cam_head(name) for name in heads]
+        if all(name == "aux" for name in heads):
+            (aux_tokens,) = self.backbone.forward_intermediates(
+                x, indices=[self.aux_index], norm=False, output_fmt="NCHW", stop_early=True,
+                intermediates_only=True)
+            maps = {"aux": aux_tokens}
+        else:
+            enc = self.encode(x)
+            maps = {"final": enc["tokens"], "aux": enc["aux_tokens"]}
+        cams = [F.conv2d(maps[name], conv.weight) for name, conv in zip(heads, convs)]
+        if relu:
+            cams = [F.relu(cam) for cam in cams]
+        return cams[0] if isinstance(head, str) else tuple(cams)
+
+    # ----------------------------------------------------------------------------------------- CTC
+    def project(self, cls_token: torch.Tensor) -> torch.Tensor:
+        """Student projection (N, proj_out_dim)."""
+        if self.proj_head is None:
+            raise ValueError("CTC is disabled (use_ctc: false)")
+        return self.proj_head(cls_token)
+
+    def project_teacher(self, cls_token: torch.Tensor) -> torch.Tensor:
+        """Teacher projection of the detached student class tokens (the encoder is shared), no gradient."""
+        if self.teacher is None:
+            raise ValueError("CTC is disabled (use_ctc: false)")
+        return self.teacher(cls_token)
+
+    def update_teacher(self) -> None:
+        if self.teacher is not None:
+            self.teacher.update(self.proj_head)
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        return patch_grid(self.backbone, h, w)
+
+
+def param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone params, head params) among trainable ones, for AdamW with lr and 10×lr (METHODS.md §1)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    backbone, heads = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (backbone if id(p) in backbone_ids else heads).append(p)
+    return backbone, heads

@@ -1,0 +1,79 @@
+"""Atomic training checkpoints that cannot run code when loaded, keyed by a fingerprint.
+
+A checkpoint holds model, optimizer, scheduler and scaler state, the step, and the state of the training-time
+torch generator (data order needs none: it is a function of seed and epoch, see shards/sampling.py). It is written
+with ``torch.save`` to a temporary name and ``os.replace``-d into ``<folder>/<fingerprint>/last.pt``; it is read
+with ``torch.load(weights_only=True)``, which refuses pickled code. A run whose fingerprint (params + code + inputs)
+differs finds no checkpoint in its own folder and starts fresh: stale state is never resumed.
+Final weights are written as safetensors, with the model config as JSON beside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def checkpoint_path(folder: str | Path, fingerprint: str) -> Path:
+    return Path(folder) / fingerprint / "last.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` or None; never unpickles code (weights_only=True)."""
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def prune_other_runs(folder: str | Path, keep: str) -> None:
+    """Remove checkpoint folders of other fingerprints (they can never be resumed by this params set)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and child.name != keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def save_weights(model: torch.nn.Module, folder: str | Path, config: dict[str, Any]) -> None:
+    """Final weights as ``model.safetensors`` + ``config.json``, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    save_file(state, tmp)
+    os.replace(tmp, folder / "model.safetensors")
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
+    os.replace(tmp, folder / "config.json")
+
+
+def load_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    return load_file(folder / "model.safetensors"), config

@@ -1,0 +1,39 @@
+"""Build the ToCo classifier from params, and load the trained one (for dump_cams and relabel)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.toco import ToCo, ToCoConfig
+from stages.checkpoint import load_weights
+from stages.params import ClassifierParams
+
+
+def toco_config(p: ClassifierParams, num_classes: int) -> ToCoConfig:
+    backbone_kwargs = {k: v for k, v in (("embed_dim", p.embed_dim), ("depth", p.depth),
+                                         ("num_heads", p.num_heads)) if v}
+    backbone_kwargs["dynamic_img_pad"] = True  # any image size: timm pads to a patch multiple
+    return ToCoConfig(
+        backbone=p.backbone, num_classes=num_classes, img_size=p.crop_size, patch_size=p.patch_size or None,
+        pretrained=p.pretrained, drop_path_rate=p.drop_path_rate, freeze_pos_embed=p.freeze_pos_embed,
+        backbone_kwargs=backbone_kwargs, aux_layer=p.aux_layer, use_aux=p.use_aux,
+        use_seg_head=p.use_seg, use_ctc=p.use_ctc, seg_dim=p.seg_dim, proj_hidden_dim=p.proj_hidden_dim,
+        proj_bottleneck_dim=p.proj_bottleneck_dim, proj_out_dim=p.proj_out_dim, ema_momentum=p.ema_momentum,
+    )
+
+
+def config_to_json(cfg: ToCoConfig, class_names: list[str]) -> dict[str, Any]:
+    # The trained weights are complete: rebuilding never needs the original pretrained file again.
+    return {"toco": {**dataclasses.asdict(cfg), "pretrained": "none"}, "class_names": class_names}
+
+
+def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> tuple[ToCo, list[str]]:
+    """The trained classifier of a ``train_classifier`` output folder (safetensors: no code runs on load)."""
+    state, config = load_weights(folder)
+    model = ToCo(ToCoConfig(**config["toco"]))
+    model.load_state_dict(state)
+    return model.to(device).eval(), list(config["class_names"])

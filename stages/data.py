@@ -1,0 +1,144 @@
+"""Torch datasets over manifest shards: training crops for the classifier, and evaluation images.
+
+Augmentation follows METHODS.md §1 (rescale by U(lo, hi), flip, random crop with padding, colour jitter); pixels
+outside the valid box are marked in ``valid`` so every loss can ignore them. Each sample's randomness comes from
+``np.random.default_rng([seed, epoch, row])``: the result is independent of worker count and order, and a resumed
+run reproduces the interrupted one without saving any RNG state for the data.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from shards.images import decode_mask_png
+from shards.sampling import RowIndex, RowReader
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_size: int
+    base_size: int  # resize the long side to this first (0 = keep the original size)
+    scale_range: tuple[float, float]
+    jitter: float  # brightness/contrast/saturation strength
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def multi_hot(tags: list[int] | None, num_classes: int) -> np.ndarray:
+    labels = np.zeros(num_classes, dtype=np.float32)
+    for tag in tags or []:
+        labels[tag - 1] = 1.0
+    return labels
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float normalised with ImageNet mean/std."""
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_tensor`'s normalisation: (B, 3, H, W) -> values in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def resize_long(rgb: np.ndarray, long_side: int, resample=Image.BILINEAR) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if long_side <= 0 or max(h, w) == long_side:
+        return rgb
+    scale = long_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, resample))
+
+
+def augment(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale, flip, colour-jitter and pad-crop; returns (crop (S, S, 3) uint8, valid (S, S) bool)."""
+    rgb = resize_long(rgb, cfg.base_size)
+    scale = rng.uniform(*cfg.scale_range)
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    if rng.random() < 0.5:
+        rgb = rgb[:, ::-1]
+    if cfg.jitter > 0:
+        x = rgb.astype(np.float32)
+        x *= rng.uniform(1 - cfg.jitter, 1 + cfg.jitter)  # brightness
+        mean = x.mean()
+        x = (x - mean) * rng.uniform(1 - cfg.jitter, 1 + cfg.jitter) + mean  # contrast
+        grey = x.mean(axis=2, keepdims=True)
+        x = (x - grey) * rng.uniform(1 - cfg.jitter, 1 + cfg.jitter) + grey  # saturation
+        rgb = np.clip(x, 0, 255).astype(np.uint8)
+    s = cfg.crop_size
+    h, w = rgb.shape[:2]
+    # Pad to at least S x S at a random offset, then crop S x S at a random offset (the reference's random crop).
+    canvas = np.zeros((max(h, s), max(w, s), 3), dtype=np.uint8)
+    valid = np.zeros(canvas.shape[:2], dtype=bool)
+    oy = int(rng.integers(0, canvas.shape[0] - h + 1))
+    ox = int(rng.integers(0, canvas.shape[1] - w + 1))
+    canvas[oy:oy + h, ox:ox + w] = rgb
+    valid[oy:oy + h, ox:ox + w] = True
+    cy = int(rng.integers(0, canvas.shape[0] - s + 1))
+    cx = int(rng.integers(0, canvas.shape[1] - s + 1))
+    return canvas[cy:cy + s, cx:cx + s], valid[cy:cy + s, cx:cx + s]
+
+
+class TrainCrops(Dataset):
+    """Augmented training crops of the tagged rows of some manifest shards; set ``epoch`` before each epoch."""
+
+    def __init__(self, index: RowIndex, num_classes: int, cfg: AugmentConfig, seed: int):
+        self.reader = RowReader(index, columns=["image", "tags"], cache_groups=8)
+        self.num_classes, self.cfg, self.seed = num_classes, cfg, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.reader.index)
+
+    def __getitem__(self, number: int) -> dict[str, Any]:
+        row = self.reader.row(number)
+        rng = np.random.default_rng([self.seed, self.epoch, number])
+        crop, valid = augment(decode_rgb(row["image"]["bytes"]), self.cfg, rng)
+        return {
+            "image": to_tensor(crop),  # (3, S, S)
+            "valid": torch.from_numpy(np.ascontiguousarray(valid)),  # (S, S)
+            "labels": torch.from_numpy(multi_hot(row["tags"], self.num_classes)),  # (K,)
+        }
+
+
+class EvalImages(Dataset):
+    """Whole images (long side resized to ``size``), their tags and ground truth at the original size."""
+
+    def __init__(self, index: RowIndex, num_classes: int, size: int, rows: list[int] | None = None):
+        self.reader = RowReader(index, columns=["image_id", "image", "tags", "mask"], cache_groups=2)
+        self.num_classes, self.size = num_classes, size
+        self.rows = list(range(len(index))) if rows is None else list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.reader.row(self.rows[i])
+        rgb = decode_rgb(row["image"]["bytes"])
+        mask = row["mask"]
+        return {
+            "image_id": row["image_id"],
+            "image": to_tensor(resize_long(rgb, self.size)),
+            "labels": torch.from_numpy(multi_hot(row["tags"], self.num_classes)),
+            "gt": decode_mask_png(mask["bytes"]) if mask and mask.get("bytes") else None,
+        }

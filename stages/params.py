@@ -1,0 +1,124 @@
+"""The schema of ``params.yaml``: one frozen dataclass per section, loaded strictly (shards.params).
+
+Every stage's ``main`` calls :func:`load_params` on the whole file, so a typo anywhere stops any stage before it
+does work, with the file and the dotted key in the message. Defaults here equal ``params.yaml``'s values and the
+METHODS.md values; ``tests/stages/test_params.py`` checks that the shipped ``params.yaml`` loads and that every key
+in it carries a comment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shards.params import load, param
+from shards.shapes import ShapesConfig
+
+SOURCES = ("shapes", "voc", "coco", "folder")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    seed: int = param(0, lo=0, help="global seed for every random choice")
+    device: str = param("auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    num_threads: int = param(0, lo=0, help="torch CPU threads; 0 = torch's default")
+    num_workers: int = param(1, lo=1, help="processes for shard-parallel work (decode, CRF)")
+    dask_address: str = param("", help="Dask scheduler address; empty = no Dask")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = param("shapes", choices=SOURCES, help="dataset reader")
+    root: str = param("data/shapes", help="dataset folder (VOC tree, COCO root, or image folder)")
+    classes: str = param("", help="class-list file; empty = the source's own list")
+    splits: tuple[str, ...] = param(("train", "val"), help="splits to ingest")
+    tags_from: str = param("auto", choices=("auto", "xml", "file", "mask", "none"), help="where VOC tags come from")
+    tags_file: str = param("", help="CSV image,tags (VOC 'file' tags, or the folder source's tags)")
+    rows_per_shard: int = param(256, lo=1, hi=100_000, help="images per manifest shard")
+    max_pixels: int = param(89_478_485, lo=1, help="decompression-bomb limit (width*height)")
+    min_side: int = param(16, lo=1, help="reject images whose shorter side is smaller")
+
+    def validate(self) -> None:
+        if not self.splits:
+            raise ValueError("splits: at least one split is needed")
+        if len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits: duplicate split names in {list(self.splits)}")
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    """``train_classifier``: the ToCo network, its losses and the training schedule (METHODS.md §1)."""
+
+    backbone: str = param("vit_tiny_patch16_224", help="timm ViT name")
+    pretrained: str = param("none", help="none | hub | path to .safetensors/.pth")
+    patch_size: int = param(8, lo=0, help="0 = the backbone name's patch size")
+    embed_dim: int = param(0, lo=0, help="0 = the backbone name's width")
+    depth: int = param(0, lo=0, help="0 = the backbone name's depth")
+    num_heads: int = param(0, lo=0, help="0 = the backbone name's heads")
+    crop_size: int = param(96, lo=16, help="training crop side (px)")
+    base_size: int = param(128, lo=0, help="resize the long side to this before augmenting; 0 = keep")
+    scale_range: tuple[float, float] = param((0.7, 1.3), lo=0.05, hi=8.0, help="random rescale range")
+    jitter: float = param(0.3, lo=0.0, hi=1.0, help="colour jitter strength")
+    batch_size: int = param(16, lo=1, help="images per step per process")
+    grad_accum: int = param(1, lo=1, help="micro-batches per optimizer step")
+    iterations: int = param(600, lo=1, help="optimizer steps")
+    warmup_iters: int = param(50, lo=0, help="linear warm-up steps")
+    warmup_ratio: float = param(1e-6, lo=0.0, hi=1.0, help="warm-up starts at lr * warmup_ratio")
+    lr: float = param(6e-5, lo=0.0, help="backbone learning rate")
+    head_lr_mult: float = param(10.0, lo=0.0, help="heads use lr * head_lr_mult")
+    weight_decay: float = param(0.01, lo=0.0)
+    betas: tuple[float, float] = param((0.9, 0.999), lo=0.0, hi=1.0)
+    poly_power: float = param(0.9, lo=0.0)
+    freeze_pos_embed: bool = param(True)
+    drop_path_rate: float = param(0.0, lo=0.0, hi=1.0)
+    use_aux: bool = param(True, help="auxiliary classifier on block aux_layer")
+    use_ptc: bool = param(True, help="patch token contrast")
+    use_ctc: bool = param(True, help="class token contrast")
+    use_seg: bool = param(True, help="segmentation head on online pseudo labels")
+    aux_layer: int = param(-3)
+    aux_weight: float = param(1.0, lo=0.0)
+    ptc_weight: float = param(0.2, lo=0.0)
+    ctc_weight: float = param(0.5, lo=0.0)
+    seg_weight: float = param(0.1, lo=0.0)
+    seg_start_iter: int = param(2000, lo=0)
+    ctc_temperature: float = param(0.5, lo=1e-3)
+    ema_momentum: float = param(0.9, lo=0.0, hi=1.0)
+    local_crops: int = param(8, lo=1)
+    local_crop_size: int = param(96, lo=8)
+    seg_dim: int = param(512, lo=8)
+    proj_hidden_dim: int = param(2048, lo=8)
+    proj_bottleneck_dim: int = param(256, lo=8)
+    proj_out_dim: int = param(1024, lo=8)
+    bkg_threshold: float = param(0.5, lo=0.0, hi=1.0)
+    high_threshold: float = param(0.7, lo=0.0, hi=1.0)
+    low_threshold: float = param(0.25, lo=0.0, hi=1.0)
+    cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="train-time CAM scales")
+    eval_cam_scales: tuple[float, ...] = param((1.0, 0.5, 1.5), lo=0.1, hi=4.0, help="CAM scales for metrics")
+    eval_size: int = param(128, lo=16, help="long side of val images for metrics")
+    eval_every: int = param(200, lo=1, help="CAM mIoU on eval_images val images every N steps")
+    eval_images: int = param(64, lo=1)
+    log_every: int = param(10, lo=1)
+    checkpoint_every: int = param(50, lo=1)
+    num_workers: int = param(0, lo=0, help="DataLoader worker processes")
+    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+
+    def validate(self) -> None:
+        if self.low_threshold > self.high_threshold:
+            raise ValueError("low_threshold must not exceed high_threshold")
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ValueError("scale_range must be (low, high)")
+        if self.use_ptc and not self.use_aux:
+            raise ValueError("use_ptc needs use_aux (PTC labels come from the auxiliary CAM)")
+
+
+@dataclass(frozen=True)
+class Params:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train_classifier: ClassifierParams = field(default_factory=ClassifierParams)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """The whole params file, checked; raises shards.params.ParamsError naming file and key."""
+    return load(Params, path)

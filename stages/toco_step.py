@@ -1,0 +1,117 @@
+"""One ToCo training step as a module, so that DDP sees one forward (METHODS.md §1).
+
+Passes: the training crop and the second global view go through the encoder as ONE batch of 2B; the local crops
+(a different size) are the second pass; nothing else touches the encoder. With ``cam_scales == (1.0,)`` the
+auxiliary CAM that labels PTC tokens and places local crops, and the final CAM behind the online pseudo labels,
+come from that same pass (detached) instead of extra multi-scale passes; other scales run the reference's
+no-grad multi-scale CAM. The EMA teacher projects the student's detached class tokens (shared encoder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.cam import cams_at_tokens, multiscale_cam, normalise_cams, valid_at_tokens
+from models.ctc import ViewAugConfig, augment_view, region_from_labels, sample_local_crops
+from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, ptc_loss
+from models.par import ParConfig
+from models.pseudo import ThresholdConfig, label_ignore_middle, online_pseudo_labels
+from models.toco import ToCo
+from stages.data import IMAGENET_MEAN, IMAGENET_STD, denormalize
+
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    use_aux: bool
+    use_ptc: bool
+    use_ctc: bool
+    use_seg: bool
+    aux_weight: float
+    ptc_weight: float
+    ctc_weight: float
+    seg_weight: float
+    seg_start_iter: int
+    ctc_temperature: float
+    thresholds: ThresholdConfig
+    par: ParConfig
+    cam_scales: tuple[float, ...]
+    local_crops: int
+    local_crop_size: int
+
+
+class ToCoTrainer(nn.Module):
+    def __init__(self, model: ToCo, cfg: StepConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def _cam(self, tokens: torch.Tensor, head: str, x: torch.Tensor, labels, valid) -> torch.Tensor:
+        """Normalised CAM (B, K, S, S), no gradient: from this pass's tokens, or multi-scale passes."""
+        with torch.no_grad():
+            if tuple(self.cfg.cam_scales) != (1.0,):
+                return multiscale_cam(self.model, x, self.cfg.cam_scales, head=head, labels=labels, valid=valid)
+            conv = self.model.classifier if head == "final" else self.model.aux_classifier
+            cam = F.relu(F.conv2d(tokens.detach().float(), conv.weight.float()))  # (B, K, h, w)
+            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return normalise_cams(cam, labels, valid)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, step: int,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        cfg, model = self.cfg, self.model
+        B = x.shape[0]
+        views = x
+        if cfg.use_ctc:
+            second = augment_view(x, ViewAugConfig(), generator=generator, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            views = torch.cat([x, second], dim=0)  # (2B, 3, S, S): one encoder pass for both global views
+        run_seg = cfg.use_seg and step >= cfg.seg_start_iter
+        out = model(views, with_seg=run_seg)
+        zero = x.new_zeros(())
+        losses = {"cls": multilabel_cls_loss(out["logits"][:B], labels)}
+        losses["aux"] = multilabel_cls_loss(out["aux_logits"][:B], labels) if cfg.use_aux else zero
+
+        need_aux_cam = cfg.use_aux and (cfg.use_ptc or cfg.use_ctc)
+        if need_aux_cam:
+            aux_cam = self._cam(out["aux_tokens"][:B], "aux", x, labels, valid)  # (B, K, S, S)
+        if cfg.use_ptc and need_aux_cam:
+            grid = out["tokens"].shape[-2:]
+            token_labels = label_ignore_middle(cams_at_tokens(aux_cam, grid), labels, cfg.thresholds.high,
+                                               cfg.thresholds.low, IGNORE)  # (B, h, w)
+            token_labels = token_labels.masked_fill(~valid_at_tokens(valid, grid), IGNORE)
+            losses["ptc"] = ptc_loss(out["tokens"][:B], token_labels)
+        else:
+            losses["ptc"] = zero
+
+        if cfg.use_ctc:
+            if need_aux_cam:
+                pixel_labels = label_ignore_middle(aux_cam, labels, cfg.thresholds.high, cfg.thresholds.low, IGNORE)
+            else:  # without the aux head every pixel counts as uncertain
+                pixel_labels = torch.full(valid.shape, IGNORE, dtype=torch.long, device=x.device)
+            crops, positive = sample_local_crops(x, region_from_labels(pixel_labels), cfg.local_crops,
+                                                 cfg.local_crop_size, generator=generator, valid=valid)
+            local_tokens = model.class_token(crops)  # (B*n, C): the second and last encoder pass
+            n = cfg.local_crops
+            students = model.project(torch.cat([out["cls_token"], local_tokens], dim=0))
+            D = students.shape[-1]
+            student_globals = students[:2 * B].view(2, B, D)
+            student_locals = students[2 * B:].view(B, n, D).transpose(0, 1)  # (n, B, D)
+            teacher_globals = model.project_teacher(out["cls_token"].detach()).view(2, B, D)
+            losses["ctc"] = ctc_loss(teacher_globals, student_globals, student_locals,
+                                     positive.view(B, n).t(), cfg.ctc_temperature)
+        else:
+            losses["ctc"] = zero
+
+        if run_seg:
+            final_cam = self._cam(out["tokens"][:B], "final", x, labels, valid)
+            pseudo = online_pseudo_labels(final_cam, labels, denormalize(x), cfg.thresholds, cfg.par, valid)
+            losses["seg"] = balanced_seg_loss(out["seg"][:B], pseudo)
+        else:
+            losses["seg"] = zero
+
+        losses["total"] = (losses["cls"] + cfg.aux_weight * losses["aux"] + cfg.ptc_weight * losses["ptc"]
+                           + cfg.ctc_weight * losses["ctc"] + cfg.seg_weight * losses["seg"])
+        return losses
