@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from models.backbone import patch_stride
+
 CamModel = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -23,6 +25,28 @@ def _raw_cams(model, x: torch.Tensor, heads: tuple[str, ...]) -> tuple[torch.Ten
     if len(heads) != 1:
         raise ValueError("a plain callable gives one CAM per call; pass one head")
     return (model(x),)
+
+
+def _stride(model) -> int | None:
+    backbone = getattr(model, "backbone", None)
+    return patch_stride(backbone) if backbone is not None else None
+
+
+def cam_to_size(cam: torch.Tensor, input_hw, out_hw, stride: int | None = None) -> torch.Tensor:
+    """Token-grid CAMs (N, K, h, w) of an input of size ``input_hw`` resized to ``out_hw`` (bilinear).
+
+    A backbone built with ``dynamic_img_pad`` pads the input on the right and bottom to a patch multiple, so the
+    grid covers (h*stride, w*stride) >= input pixels: upsample to that extent, crop the padding off, then resize.
+    Without this the map would be stretched by up to one token.
+    """
+    h, w = cam.shape[-2:]
+    ih, iw = int(input_hw[0]), int(input_hw[1])
+    if stride and (h * stride, w * stride) != (ih, iw) and h * stride >= ih and w * stride >= iw:
+        cam = F.interpolate(cam, size=(h * stride, w * stride), mode="bilinear", align_corners=False)
+        cam = cam[..., :ih, :iw]
+    if tuple(cam.shape[-2:]) == tuple(out_hw):
+        return cam
+    return F.interpolate(cam, size=tuple(out_hw), mode="bilinear", align_corners=False)
 
 
 def normalise_cams(
@@ -83,7 +107,7 @@ def multiscale_cam(
             x = F.interpolate(images, size=(int(H * scale), int(W * scale)), mode="bilinear", align_corners=False)
         x = torch.cat([x, x.flip(-1)], dim=0)  # (2B, 3, h, w): one pass for both orientations
         for i, cam in enumerate(_raw_cams(model, x, heads)):
-            cam = F.interpolate(cam.float(), size=(H, W), mode="bilinear", align_corners=False)  # (2B, K, H, W)
+            cam = cam_to_size(cam.float(), x.shape[-2:], (H, W), _stride(model))  # (2B, K, H, W)
             cam = F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))  # (B, K, H, W)
             totals[i] = cam if totals[i] is None else totals[i] + cam
     out = tuple(normalise_cams(total, labels, valid, eps) for total in totals)

@@ -59,8 +59,9 @@ def _check_planes(planes: np.ndarray, image: np.ndarray, name: str) -> np.ndarra
 def _pairwise_crf(image: np.ndarray, num_labels: int, cfg: CrfConfig) -> dcrf.DenseCRF2D:
     """A DenseCRF2D with both pairwise kernels set up and no unary yet.
 
-    The kernels (their permutohedral lattices) depend on the image only, and building them costs about twice
-    one 10-iteration inference at 500x375, so callers that run several unaries on one image build this once.
+    The kernels (their permutohedral lattices) depend on the image only, and building them costs about as much
+    as one 10-iteration, 3-label inference at 500x375 (bench/bench_crf.py), so callers that run several unaries
+    on one image build this once.
     `inference` restarts from the current unary every call, so reuse gives bit-identical results (tested).
     """
     height, width = image.shape[:2]

@@ -111,12 +111,72 @@ class ClassifierParams:
             raise ValueError("use_ptc needs use_aux (PTC labels come from the auxiliary CAM)")
 
 
+REFINE_METHODS = ("par", "crf", "random_walk")
+
+
+@dataclass(frozen=True)
+class DumpCamsParams:
+    """``dump_cams``: multi-scale + flip CAMs of every manifest row, fp16, present classes only (METHODS.md §1)."""
+
+    splits: tuple[str, ...] = param(("train", "val"), help="manifest splits to dump")
+    scales: tuple[float, ...] = param((1.0, 0.5, 1.5), lo=0.1, hi=4.0, help="CAM scales (each with its flip)")
+    image_size: int = param(128, lo=16, hi=4096, help="long side of the network input (GPU / paper: 448)")
+    pad_multiple: int = param(32, lo=1, hi=4096, help="pad the resized image bottom/right to a multiple of this")
+    cam_size: int = param(64, lo=0, hi=4096, help="long side of the stored CAMs; 0 = image_size")
+    batch_size: int = param(16, lo=1, help="images per network batch")
+    aux: bool = param(False, help="also store the auxiliary head's CAMs")
+    predict_threshold: float = param(0.5, lo=0.0, hi=1.0, help="untagged rows: classes with sigmoid > this")
+    bkg_threshold: float = param(0.5, lo=0.0, hi=1.0, help="metrics: plain-rule background threshold")
+    eval_split: str = param("val", help="split whose ground truth gives metrics/cams.json")
+    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+
+    def validate(self) -> None:
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits: need distinct split names, got {list(self.splits)}")
+        if not self.scales:
+            raise ValueError("scales: at least one scale is needed")
+
+
+@dataclass(frozen=True)
+class RefineParams:
+    """``refine``: CAMs -> pseudo masks through a chain of probability refiners (METHODS.md §2)."""
+
+    methods: tuple[str, ...] = param(("par", "crf"), choices=REFINE_METHODS, help="refiners, in order")
+    ignore_band: bool = param(True, help="two runs (background at high, low) with a 255 band; false: one at bkg")
+    high: float = param(0.7, lo=0.0, hi=1.0, help="background plane of the 'high' run (COCO: 0.65)")
+    low: float = param(0.25, lo=0.0, hi=1.0, help="background plane of the 'low' run")
+    bkg: float = param(0.5, lo=0.0, hi=1.0, help="background plane when ignore_band is false (COCO: 0.45)")
+    max_side: int = param(512, lo=16, hi=8192, help="cap on the working resolution's long side")
+    batch_size: int = param(8, lo=1, help="images per PAR batch")
+    par_iterations: int = param(10, lo=1, help="PAR propagation steps")
+    par_dilations: tuple[int, ...] = param((1, 2, 4, 8, 12, 24), lo=1, help="PAR neighbour dilations")
+    par_w1: float = param(0.3, lo=1e-6, help="PAR colour/position temperature")
+    par_w2: float = param(0.01, lo=0.0, help="PAR weight of the position term")
+    par_scale: float = param(0.5, lo=0.05, hi=1.0, help="PAR works at this fraction of the working size")
+    crf_iterations: int = param(10, lo=1, hi=100, help="dense CRF mean-field iterations")
+    crf_gauss_sxy: float = param(3.0, lo=0.01, hi=1000, help="CRF Gaussian kernel spatial std (px)")
+    crf_gauss_compat: float = param(3.0, lo=0.0, hi=100, help="CRF Gaussian kernel weight")
+    crf_bilateral_sxy: float = param(36.0, lo=0.01, hi=1000, help="CRF bilateral kernel spatial std (px)")
+    crf_bilateral_srgb: float = param(3.0, lo=0.01, hi=255, help="CRF bilateral kernel colour std")
+    crf_bilateral_compat: float = param(4.0, lo=0.0, hi=100, help="CRF bilateral kernel weight")
+    eval_splits: tuple[str, ...] = param(("train",), help="splits whose ground truth gives the metrics")
+    overlays: int = param(8, lo=0, help="overlay PNGs written to metrics/overlays")
+
+    def validate(self) -> None:
+        if self.low > self.high:
+            raise ValueError("low must not exceed high")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: each refiner at most once, got {list(self.methods)}")
+
+
 @dataclass(frozen=True)
 class Params:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train_classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    dump_cams: DumpCamsParams = field(default_factory=DumpCamsParams)
+    refine: RefineParams = field(default_factory=RefineParams)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

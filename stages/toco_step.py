@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cam import cams_at_tokens, multiscale_cam, normalise_cams, valid_at_tokens
+from models.backbone import patch_stride
+from models.cam import cam_to_size, cams_at_tokens, multiscale_cam, normalise_cams, valid_at_tokens
 from models.ctc import ViewAugConfig, augment_view, region_from_labels, sample_local_crops
 from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, ptc_loss
 from models.par import ParConfig
@@ -57,7 +58,7 @@ class ToCoTrainer(nn.Module):
                 return multiscale_cam(self.model, x, self.cfg.cam_scales, head=head, labels=labels, valid=valid)
             conv = self.model.classifier if head == "final" else self.model.aux_classifier
             cam = F.relu(F.conv2d(tokens.detach().float(), conv.weight.float()))  # (B, K, h, w)
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            cam = cam_to_size(cam, x.shape[-2:], x.shape[-2:], patch_stride(self.model.backbone))
             return normalise_cams(cam, labels, valid)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, step: int,

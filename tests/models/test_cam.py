@@ -110,3 +110,17 @@ def test_token_grid_helpers():
     valid = torch.zeros(1, 32, 32, dtype=torch.bool)
     valid[:, :20, :] = True  # token row 2 covers rows 16..23: half valid → not a majority
     assert valid_at_tokens(valid, (4, 4))[0, :, 0].tolist() == [True, True, False, False]
+
+
+def test_cam_to_size_crops_the_patch_padding_before_resizing():
+    from models.cam import cam_to_size
+
+    # An input of 20 px with stride 8 is padded to 24: the grid's last token covers 4 real + 4 padded pixels.
+    cam = torch.arange(3, dtype=torch.float32).view(1, 1, 1, 3).expand(1, 1, 3, 3).contiguous()
+    out = cam_to_size(cam, (20, 20), (20, 20), stride=8)
+    stretched = torch.nn.functional.interpolate(cam, size=(20, 20), mode="bilinear", align_corners=False)
+    padded = torch.nn.functional.interpolate(cam, size=(24, 24), mode="bilinear", align_corners=False)[..., :20, :20]
+    torch.testing.assert_close(out, padded)
+    assert not torch.allclose(out, stretched)
+    torch.testing.assert_close(cam_to_size(cam, (24, 24), (24, 24), stride=8), padded.new_tensor(
+        torch.nn.functional.interpolate(cam, size=(24, 24), mode="bilinear", align_corners=False)))

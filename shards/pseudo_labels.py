@@ -1,0 +1,105 @@
+"""Pseudo-label shards (written by ``refine``; read by ``train_segmenter``, ``export`` and ``load_dataset``).
+
+One row per image (DESIGN.md §4): ``image_id``, ``split``, ``image`` (the manifest's stored bytes, struct
+bytes/path as a Hugging Face ``Image``), ``mask`` (palette PNG of class ids at the image's size: 0 background,
+1..K classes, 255 ignore), ``labels`` (the class ids the mask may contain: the CAM shard's classes), ``tag_source``
+("given" | "predicted"), ``height``, ``width``, ``ignore_fraction`` (share of 255 pixels), ``confidence`` (see
+``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum) and ``pixels`` (pixel count
+of every class 0..K; 255 pixels are not counted).
+
+The ``huggingface`` schema-metadata entry makes ``datasets.load_dataset("parquet", ...)`` decode ``image`` and
+``mask`` as images and ``labels`` as class names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.images import decode_mask_png
+from shards.io import ShardSet, with_metadata
+from shards.manifest import IMAGE_TYPE, huggingface_features
+from shards.metrics import ConfusionMatrix
+
+PSEUDO_LABEL_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("split", pa.string()),
+    ("image", IMAGE_TYPE),
+    ("mask", IMAGE_TYPE),
+    ("labels", pa.list_(pa.int16())),
+    ("tag_source", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("ignore_fraction", pa.float32()),
+    ("confidence", pa.float32()),
+    ("pixels", pa.list_(pa.int64())),
+])
+
+
+def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: Mapping[str, Any],
+                        *, methods: Sequence[str], ignore_index: int = 255) -> pa.Schema:
+    """PSEUDO_LABEL_SCHEMA with our metadata; ``class_names`` includes background (index 0)."""
+    meta = {
+        "kind": "pseudo_labels",
+        "class_names": list(class_names),
+        "palette": [list(c) for c in palette],
+        "ignore_index": ignore_index,
+        "methods": list(methods),
+        "producer": dict(producer),
+    }
+    value = {"dtype": "string", "_type": "Value"}
+    hf = huggingface_features({
+        "image_id": value,
+        "split": value,
+        "image": {"_type": "Image"},
+        "mask": {"_type": "Image"},
+        # ids 1..K index the full name list (0 = background), so ClassLabel names include background
+        "labels": {"feature": {"names": list(class_names), "_type": "ClassLabel"}, "_type": "Sequence"},
+        "tag_source": value,
+        "height": {"dtype": "int32", "_type": "Value"},
+        "width": {"dtype": "int32", "_type": "Value"},
+        "ignore_fraction": {"dtype": "float32", "_type": "Value"},
+        "confidence": {"dtype": "float32", "_type": "Value"},
+        "pixels": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "Sequence"},
+    })
+    return with_metadata(PSEUDO_LABEL_SCHEMA, meta, hf)
+
+
+def mask_stats(mask: np.ndarray, num_classes: int, ignore_index: int = 255) -> tuple[float, list[int]]:
+    """(ignore_fraction, per-class pixel counts of classes 0..num_classes-1) of a (H, W) uint8 mask."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    return float(counts[ignore_index] / max(mask.size, 1)), [int(v) for v in counts[:num_classes]]
+
+
+def read_mask(row: Mapping[str, Any]) -> np.ndarray:
+    """A row's pseudo mask as (H, W) uint8 class ids."""
+    return decode_mask_png(row["mask"]["bytes"])
+
+
+def pseudo_label_metrics(folder: str | Path, class_names: Sequence[str], splits: Sequence[str],
+                         methods: Sequence[str] = ()) -> dict[str, Any]:
+    """metrics/pseudo_labels.json over ``splits``: mIoU, coverage, precision, recall, per class (+ means).
+
+    ``refine`` records each shard's confusion matrix against the ground truth (``confusion``, ``gt_images``)
+    in the shard index, so this reads only the index and two small columns, never a mask.
+    """
+    folder = Path(folder)
+    confusion, gt_images, stats = ConfusionMatrix(len(class_names)), 0, []
+    for name, entry in sorted(ShardSet(folder).index().items()):
+        if entry.get("split") not in splits:
+            continue
+        confusion.matrix += np.asarray(entry["confusion"], dtype=np.int64)
+        gt_images += entry["gt_images"]
+        stats.append(pq.ParquetFile(folder / name).read(columns=["ignore_fraction", "confidence"]))
+    table = pa.concat_tables(stats) if stats else None
+
+    def mean(column: str) -> float | None:
+        return round(float(table[column].to_numpy().mean()), 4) if table is not None and table.num_rows else None
+
+    return {**confusion.summary(class_names), "images": table.num_rows if table is not None else 0,
+            "gt_images": gt_images, "splits": list(splits), "methods": list(methods),
+            "mean_ignore_fraction": mean("ignore_fraction"), "mean_confidence": mean("confidence")}

@@ -1,0 +1,278 @@
+"""DVC stage ``dump_cams``: multi-scale + flip CAMs of every manifest row (METHODS.md §1 "Multi-scale CAM").
+
+Consumes the manifest shards of ``prepare`` (the splits in ``dump_cams.splits``) and the trained classifier folder of
+``train_classifier`` (``model.safetensors`` + ``config.json``). Produces ``data/cams/``: one CAM shard per manifest
+shard, same name, same row order (schema in ``shards/cams.py``: fp16, present classes only, at ``cam_size``), plus
+``metrics/cams.json`` {miou, threshold, best_miou, best_threshold, per_class} and ``metrics/cams_curve.json``.
+
+Classes of a row: its tags; an untagged row (tags null) gets the classes whose sigmoid score exceeds
+``predict_threshold`` (else the top-1 class), with ``tag_source = "predicted"``. Scores are always stored.
+
+Batching without changing the result: each image is resized to ``image_size`` on its long side and padded
+bottom/right (black, as the training crops' padding) to a multiple of ``pad_multiple``; images of one padded shape
+form a batch and ``valid`` masks keep padding out of the CAM normalisation and of the pooled scores. Padding to the
+largest image *of a batch* instead would change an image's CAM with its neighbours (a ViT attends to every padded
+token and interpolates its position embedding to the padded grid), so a CAM would depend on batch size and shard
+order. Here an image's input is a function of the image alone: batched CAMs equal batch-1 CAMs up to rounding.
+
+Resumable per shard: fingerprint = the shard-deciding params + classifier hash + code version + the manifest shard's
+sha256 + device type (bf16 on CUDA changes values). A rerun recomputes only missing or stale shards and prunes
+shards that do not belong. Memory is bounded by one shard's encoded images plus one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.cam import multiscale_cam, valid_at_tokens
+from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_cams
+from shards.fingerprint import code_version, fingerprint, hash_params
+from shards.images import decode_mask_png
+from shards.io import ShardSet, atomic_write_json, sha256_file
+from shards.manifest import manifest_files, read_classes
+from shards.params import ParamsError, to_dict
+from stages import runtime as rt
+from stages.cam_eval import SWEEP
+from stages.classifier_model import load_classifier
+from stages.data import decode_rgb, resize_long, to_tensor
+from stages.params import DumpCamsParams, load_params
+
+log = logging.getLogger("dump_cams")
+REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "config.json"):
+        digest.update(sha256_file(Path(folder) / name).encode())
+    return digest.hexdigest()[:32]
+
+
+def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) after ``stages.data.resize_long`` (same rounding)."""
+    if long_side <= 0 or max(height, width) == long_side:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def padded_size(height: int, width: int, p: DumpCamsParams) -> tuple[int, int]:
+    h, w = resized_size(height, width, p.image_size)
+    return math.ceil(h / p.pad_multiple) * p.pad_multiple, math.ceil(w / p.pad_multiple) * p.pad_multiple
+
+
+class _SlotCams:
+    """A ToCo seen by ``multiscale_cam`` as a model with P class "slots" per image instead of K classes.
+
+    Gathering the P present classes at the token grid keeps every upsampled map (2B, P, H, W) instead of
+    (2B, K, H, W): on COCO, ~3 planes instead of 80. ``multiscale_cam`` feeds [images, flipped images].
+    """
+
+    def __init__(self, model: torch.nn.Module, class_index: torch.Tensor):
+        self.model, self.index = model, class_index  # (B, P) class index 0..K-1 per slot
+
+    def cams(self, x: torch.Tensor, heads: tuple[str, ...], relu: bool = False) -> tuple[torch.Tensor, ...]:
+        maps = self.model.cams(x, heads, relu=relu)
+        index = torch.cat([self.index, self.index])  # (2B, P)
+        return tuple(m.gather(1, index[:, :, None, None].expand(-1, -1, *m.shape[-2:])) for m in maps)
+
+
+def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sigmoid scores (B, K): the classifier's global max pooling over the image's tokens only, not padding."""
+    tokens = model.encode(images)["tokens"].float()  # (B, C, h, w)
+    inside = valid_at_tokens(valid, tokens.shape[-2:])  # (B, h, w)
+    inside |= ~inside.flatten(1).any(dim=1)[:, None, None]  # an image smaller than a token: use every token
+    pooled = tokens.masked_fill(~inside[:, None], float("-inf")).amax(dim=(-2, -1))  # (B, C)
+    return (pooled @ model.classifier.weight.flatten(1).float().T).sigmoid()  # (B, K)
+
+
+def choose_classes(tags: list[int] | None, scores: np.ndarray, threshold: float) -> tuple[list[int], str]:
+    """Class ids 1..K of a row and its tag source."""
+    if tags is not None:
+        return sorted(set(int(t) for t in tags)), "given"
+    picked = [k + 1 for k in np.flatnonzero(scores > threshold)]
+    return (picked or [int(scores.argmax()) + 1]), "predicted"
+
+
+@torch.no_grad()
+def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCamsParams, env: rt.Runtime
+                   ) -> list[dict[str, Any]]:
+    """CAM-shard rows of manifest rows that share one padded shape."""
+    hp, wp = padded_size(rows[0]["height"], rows[0]["width"], p)
+    images = torch.zeros(len(rows), 3, hp, wp)
+    valid = torch.zeros(len(rows), hp, wp, dtype=torch.bool)
+    black = to_tensor(np.zeros((1, 1, 3), np.uint8))  # (3, 1, 1): the training crops' padding colour
+    sizes = []
+    for b, row in enumerate(rows):
+        x = to_tensor(resize_long(decode_rgb(row["image"]["bytes"]), p.image_size))  # (3, h, w)
+        h, w = x.shape[-2:]
+        images[b] = black
+        images[b, :, :h, :w] = x
+        valid[b, :h, :w] = True
+        sizes.append((h, w))
+    images, valid = images.to(env.device), valid.to(env.device)
+    with env.autocast(p.bf16):
+        scores = class_scores(model, images, valid).cpu().numpy()  # (B, K)
+    chosen = [choose_classes(row["tags"], scores[b], p.predict_threshold) for b, row in enumerate(rows)]
+    slots = max(1, max(len(c) for c, _ in chosen))
+    class_index = torch.zeros(len(rows), slots, dtype=torch.long)
+    slot_valid = torch.zeros(len(rows), slots)
+    for b, (classes, _) in enumerate(chosen):
+        class_index[b, : len(classes)] = torch.tensor(classes, dtype=torch.long) - 1
+        slot_valid[b, : len(classes)] = 1.0
+    heads = ("final", "aux") if p.aux else ("final",)
+    with env.autocast(p.bf16):
+        maps = multiscale_cam(_SlotCams(model, class_index.to(env.device)), images, p.scales, head=heads,
+                              labels=slot_valid.to(env.device), valid=valid)  # each (B, P, Hp, Wp)
+    out = []
+    long_side = p.cam_size or p.image_size
+    for b, (row, (classes, source)) in enumerate(zip(rows, chosen)):
+        ch, cw = resized_size(row["height"], row["width"], long_side)
+        h, w = sizes[b]
+        stored = []
+        for cam in maps:
+            cam = cam[b: b + 1, : len(classes), :h, :w].float()  # (1, P_b, h, w): crop the padding away
+            if (ch, cw) != (h, w):
+                cam = F.interpolate(cam, size=(ch, cw), mode="bilinear", align_corners=False,
+                                    antialias=ch < h or cw < w)
+            stored.append(encode_cams(cam[0].cpu().numpy()))
+        out.append({
+            "image_id": row["image_id"], "split": row["split"], "height": row["height"], "width": row["width"],
+            "cam_height": ch, "cam_width": cw, "classes": classes,
+            "scores": [float(scores[b, c - 1]) for c in classes], "tag_source": source,
+            "cams": stored[0], "aux_cams": stored[1] if p.aux else None,
+        })
+    return out
+
+
+def dump_shard(model: torch.nn.Module, path: Path, p: DumpCamsParams, env: rt.Runtime, bar: tqdm) -> list[dict]:
+    """CAM rows of one manifest shard, in its row order; batches group equal padded shapes."""
+    rows = pq.ParquetFile(path).read(columns=["image_id", "split", "image", "tags", "height", "width"]).to_pylist()
+    shapes = [padded_size(row["height"], row["width"], p) for row in rows]
+    batches: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: (shapes[i], i)):
+        if batches and len(batches[-1]) < p.batch_size and shapes[batches[-1][0]] == shapes[i]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    out: list[dict | None] = [None] * len(rows)
+    for batch in batches:
+        for i, result in zip(batch, cams_for_batch(model, [rows[i] for i in batch], p, env)):
+            out[i] = result
+        bar.update(len(batch))
+    return out
+
+
+def cam_metrics(cams_dir: Path, manifest_dir: Path, split: str, class_names: list[str],
+                bkg_threshold: float) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Plain-rule CAM mIoU of the stored CAMs (upsampled to the original size) against the split's ground truth."""
+    thresholds = sorted(set(SWEEP) | {round(bkg_threshold, 4)})
+    sweep = ThresholdSweep(len(class_names), thresholds)
+    for manifest_path in manifest_files(manifest_dir, split):
+        truth = pq.ParquetFile(manifest_path).read(columns=["image_id", "mask"]).to_pylist()
+        cams = pq.ParquetFile(cams_dir / manifest_path.name).read().to_pylist()
+        for row, gt_row in zip(cams, truth):
+            assert row["image_id"] == gt_row["image_id"], "CAM shard rows out of manifest order"
+            if not gt_row["mask"] or not gt_row["mask"].get("bytes"):
+                continue
+            gt = decode_mask_png(gt_row["mask"]["bytes"])
+            cam = torch.from_numpy(decode_cams(row))[None]  # (1, P, h, w)
+            if cam.shape[1] == 0:
+                value, label = np.zeros(gt.shape, np.float32), np.zeros(gt.shape, np.int64)
+            else:
+                cam = F.interpolate(cam, size=gt.shape, mode="bilinear", align_corners=False)[0]  # (P, H, W)
+                top, arg = cam.max(dim=0)
+                value, label = top.numpy(), np.asarray(row["classes"], np.int64)[arg.numpy()]
+            sweep.update(gt, value, label)
+    metrics, curve = sweep.report(class_names, bkg_threshold, SWEEP)
+    return {**metrics, "split": split}, curve
+
+
+def run(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, metrics_path: Path | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Dump the CAM shards; returns {computed, skipped, removed, images, seconds, metrics}."""
+    p: DumpCamsParams = params.dump_cams
+    env = rt.setup_runtime(params.runtime.device, params.runtime.num_threads)
+    manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
+    classes = read_classes(manifest_dir)
+    model, model_classes = load_classifier(classifier_dir, env.device)
+    if list(model_classes) != list(classes["class_names"]):
+        raise ValueError(f"{classifier_dir}: classifier classes {model_classes} differ from the manifest's")
+    shard_params = {k: v for k, v in to_dict(p).items() if k not in REPORT_ONLY}
+    code, model_fp = code_version(), model_fingerprint(classifier_dir)
+    producer = {"stage": "dump_cams", "code_version": code, "params_fingerprint": hash_params(shard_params)[:32],
+                "model_fingerprint": model_fp}
+    schema = cam_schema(classes["class_names"], classes["palette"], producer, scales=p.scales)
+    manifest_index = ShardSet(manifest_dir).index()
+    shards = ShardSet(out_dir)
+    paths = [path for split in p.splits for path in manifest_files(manifest_dir, split)]
+    missing = [split for split in p.splits if not manifest_files(manifest_dir, split)]
+    if missing:
+        raise ValueError(f"{manifest_dir}: no manifest shards for split(s) {missing} (dump_cams.splits)")
+    total = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    computed, skipped, images, busy = [], [], 0, 0.0
+    bar = tqdm(total=total, desc="dump_cams", unit="img", disable=not progress)
+    for path in paths:
+        sha = manifest_index.get(path.name, {}).get("sha256") or sha256_file(path)
+        key = fingerprint(shard_params, code=code, extra={"model": model_fp, "manifest": sha,
+                                                          "device": env.device.type})
+        if shards.is_done(path.name, key):
+            skipped.append(path.name)
+            bar.update(shards.index()[path.name]["rows"])
+            continue
+        tick = time.perf_counter()
+        rows = dump_shard(model, path, p, env, bar)
+        shards.write(path.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=key,
+                     split=path.name.rsplit("-", 1)[0], manifest_sha256=sha)
+        busy += time.perf_counter() - tick
+        images += len(rows)
+        computed.append(path.name)
+    bar.close()
+    removed = shards.prune([path.name for path in paths])
+    log.info("dump_cams: %d images in %d shards computed (%d shards reused) in %.1f s: %.1f images/s on %s",
+             images, len(computed), len(skipped), busy, images / max(busy, 1e-9), env.device)
+    result: dict[str, Any] = {"computed": computed, "skipped": skipped, "removed": removed, "images": images,
+                              "seconds": round(busy, 3)}
+    if metrics_path is not None and p.eval_split in p.splits:
+        metrics, curve = cam_metrics(out_dir, manifest_dir, p.eval_split, classes["class_names"], p.bkg_threshold)
+        metrics.update(scales=list(p.scales), image_size=p.image_size, cam_size=p.cam_size or p.image_size)
+        atomic_write_json(metrics_path, metrics)
+        atomic_write_json(Path(metrics_path).with_name("cams_curve.json"), {"curve": curve})
+        result["metrics"] = metrics
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--manifest", default="data/manifest")
+    parser.add_argument("--classifier", default="data/classifier")
+    parser.add_argument("--out", default="data/cams")
+    parser.add_argument("--metrics", default="metrics/cams.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run(params, Path(args.manifest), Path(args.classifier), Path(args.out), Path(args.metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

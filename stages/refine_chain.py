@@ -1,0 +1,115 @@
+"""The refinement chain of the ``refine`` stage: CAMs of a batch of images -> pseudo masks (METHODS.md §2).
+
+CAMs are upsampled (bilinear) to the working size: the original size, long side capped at ``max_side``.
+Each *run* turns them into a probability stack, softmax over [constant background plane, present-class CAMs]:
+with ``ignore_band`` two runs, background at ``high`` and at ``low``; without it one run at ``bkg``. Every method
+of ``methods`` maps the stacks to refined stacks, in order; then each run's arg-max gives a label map, and the two
+runs combine as ToCo's: the high run's class; where it says background, 255; where both say background, 0.
+- ``[]``: no refiner. Since arg-max of softmax([t, cams]) is a class exactly when its CAM exceeds t, this is the
+  plain rule at ``bkg`` or, with the band, the ignore-middle rule (class > high, 255 in (low, high], else 0).
+- ``par``: PAR on both runs at once (one affinity per image: it depends on the image only), batched over
+  ``batch_size`` images padded to the largest with a valid mask, on ``runtime.device``. As the first method it
+  follows ToCo exactly (``models.pseudo.online_pseudo_labels``): CAMs resized to PAR's working resolution, softmax,
+  PAR, bilinear upsampling; later in the chain it refines the stacks it is given.
+- ``crf``: dense CRF of each run's stack with unary -log(p) (``stages.crf.crf_inference``), one image at a time on
+  CPU. First in the chain this is AFA/ToCo's CRF pseudo label (``crf_two_thresholds``); after ``par`` the
+  PAR-refined probabilities are the CRF unaries; ``[crf, par]`` diffuses the CRF marginals with PAR.
+- ``random_walk`` (AFA): needs an affinity head the ToCo classifier does not have; refused with a clear error.
+Masks come back to the original size by nearest-neighbour. ``confidence`` = mean over non-ignored pixels of the
+maximum probability of the deciding stack (the high run; the only run without the band).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.par import ParConfig, refine_with_par, working_size
+from models.pseudo import cams_with_background
+from stages.params import RefineParams
+
+IGNORE = 255
+
+
+def check_methods(methods: tuple[str, ...]) -> None:
+    if "random_walk" in methods:
+        raise ValueError("refine.methods: random_walk (AFA affinity propagation) needs a classifier with an "
+                         "affinity head, which the ToCo classifier does not have; use par and/or crf")
+
+
+def par_config(p: RefineParams) -> ParConfig:
+    return ParConfig(dilations=p.par_dilations, num_iter=p.par_iterations, w1=p.par_w1, w2=p.par_w2,
+                     scale=p.par_scale)
+
+
+def crf_config(p: RefineParams):
+    from stages.crf import CrfConfig  # pydensecrf only where a CRF runs (GPU machines lack it)
+
+    return CrfConfig(iterations=p.crf_iterations, gauss_sxy=p.crf_gauss_sxy, gauss_compat=p.crf_gauss_compat,
+                     bilateral_sxy=p.crf_bilateral_sxy, bilateral_srgb=p.crf_bilateral_srgb,
+                     bilateral_compat=p.crf_bilateral_compat)
+
+
+def crf_step(rgbs: list[np.ndarray], stacks: torch.Tensor, counts: list[int], runs: int, cfg) -> torch.Tensor:
+    """CRF of every image's every run on its own pixels and present slots. stacks: (B, runs * (P+1), H, W)."""
+    from stages.crf import crf_inference
+
+    out = stacks.detach().cpu().clone()
+    planes = stacks.shape[1] // runs  # P + 1
+    for b, rgb in enumerate(rgbs):
+        h, w = rgb.shape[:2]
+        image = rgb if rgb.flags.writeable else np.array(rgb)  # pydensecrf needs a writeable buffer
+        for run in range(runs):
+            lo, hi = run * planes, run * planes + counts[b] + 1  # absent slots are exactly 0: leave them out
+            probs = out[b, lo:hi, :h, :w].numpy()
+            out[b, lo:hi, :h, :w] = torch.from_numpy(crf_inference(image, probs, cfg))
+    return out.to(stacks.device)
+
+
+def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[list[int]], p: RefineParams,
+                 device: torch.device) -> list[tuple[np.ndarray, float]]:
+    """(mask (h, w) uint8, confidence) per image at working size; rgbs are (h, w, 3) uint8 at working size."""
+    sizes = [rgb.shape[:2] for rgb in rgbs]
+    height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    slots = max(1, max(len(c) for c in classes))
+    batch = len(rgbs)
+    cam_t = torch.zeros(batch, slots, height, width)
+    images = torch.zeros(batch, 3, height, width)
+    valid = torch.zeros(batch, height, width, dtype=torch.bool)
+    slot_to_label = torch.zeros(batch, slots + 1, dtype=torch.long)  # slot 0 = background
+    for b, ((h, w), rgb, cam, ids) in enumerate(zip(sizes, rgbs, cams, classes)):
+        if len(ids):
+            cam = F.interpolate(torch.from_numpy(cam)[None], size=(h, w), mode="bilinear", align_corners=False)
+            cam_t[b, : len(ids), :h, :w] = cam[0]
+            slot_to_label[b, 1: len(ids) + 1] = torch.tensor(ids)
+        images[b, :, :h, :w] = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
+        valid[b, :h, :w] = True
+    present = (slot_to_label[:, 1:] > 0).float()  # (B, P)
+    cam_t, images, valid, present = (t.to(device) for t in (cam_t, images, valid, present))
+    backgrounds = (p.high, p.low) if p.ignore_band else (p.bkg,)
+    # ToCo's order when PAR comes first: resize CAMs to PAR's working resolution, then softmax
+    size = working_size(height, width, p.par_scale) if p.methods[:1] == ("par",) else None
+    stacks = torch.cat([cams_with_background(cam_t, present, t, size) for t in backgrounds], dim=1)
+    for method in p.methods:  # (B, runs * (P+1), H, W) -> same
+        if method == "par":
+            stacks = refine_with_par(images, stacks, par_config(p), valid)
+        elif method == "crf":
+            stacks = crf_step(rgbs, stacks, [len(c) for c in classes], len(backgrounds), crf_config(p))
+        elif method == "random_walk":  # hook for AFA: affinity random walk on the stacks (needs its head)
+            check_methods((method,))
+    if stacks.shape[-2:] != (height, width):
+        stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
+    runs = stacks.view(batch, len(backgrounds), slots + 1, height, width).cpu()
+    labels = [slot_to_label.gather(1, r.argmax(dim=1).view(batch, -1)).view(batch, height, width)
+              for r in runs.unbind(1)]  # (B, H, W) per run
+    out = labels[0]
+    if p.ignore_band:
+        out = torch.where(labels[0] == 0, torch.where(labels[1] == 0, 0, IGNORE), labels[0])
+    top = runs[:, 0].amax(dim=1)  # (B, H, W): max probability of the deciding stack
+    results = []
+    for b, (h, w) in enumerate(sizes):
+        mask = out[b, :h, :w].numpy().astype(np.uint8)
+        kept = top[b, :h, :w].numpy()[mask != IGNORE]
+        results.append((mask, float(kept.mean()) if kept.size else 0.0))
+    return results

@@ -1,0 +1,185 @@
+"""dump_cams on a tiny shapes manifest and a tiny random ToCo: shards, predicted tags, batching, resume, metrics."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from shards.cams import decode_cams
+from shards.io import ShardSet, read_metadata
+from shards.manifest import manifest_files, read_classes
+from shards.shapes import ShapesConfig
+from stages import dump_cams, prepare, shapes
+from stages.checkpoint import save_weights
+from stages.classifier_model import config_to_json, toco_config
+from stages.params import ClassifierParams, DumpCamsParams, Params, PrepareConfig, RuntimeConfig
+from models.toco import ToCo
+
+UNTAGGED = ("train-00001.parquet", (0, 2))  # rows whose tags are set to null
+
+
+def build_inputs(root: Path) -> tuple[Path, Path]:
+    """A manifest (8 train + 4 val shapes images, 4 rows per shard, 2 untagged rows) and a tiny random ToCo."""
+    shapes.run(ShapesConfig(num_train=8, num_val=4, min_side=64, max_side=96), root / "shapes", progress=False)
+    manifest = root / "manifest"
+    prepare.run(PrepareConfig(root=str(root / "shapes"), rows_per_shard=4), manifest, progress=False)
+    name, rows = UNTAGGED
+    table = pq.read_table(manifest / name)
+    records = table.to_pylist()
+    for i in rows:
+        records[i]["tags"], records[i]["tag_source"] = None, "none"
+    entry = ShardSet(manifest).index()[name]
+    ShardSet(manifest).write(name, pa.Table.from_pylist(records, schema=table.schema),
+                             fingerprint=entry["fingerprint"], split="train")
+    names = read_classes(manifest)["class_names"]
+    cfg = toco_config(ClassifierParams(backbone="vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=4,
+                                       num_heads=2, crop_size=32, seg_dim=16, proj_hidden_dim=32,
+                                       proj_bottleneck_dim=16, proj_out_dim=32), len(names) - 1)
+    torch.manual_seed(0)
+    save_weights(ToCo(cfg), root / "classifier", config_to_json(cfg, names))
+    return manifest, root / "classifier"
+
+
+def make_params(**kw) -> Params:
+    return Params(runtime=RuntimeConfig(num_threads=1), dump_cams=DumpCamsParams(**kw))
+
+
+def shard_hashes(folder: Path) -> dict[str, str]:
+    return {name: entry["sha256"] for name, entry in ShardSet(folder).index().items()}
+
+
+def all_rows(folder: Path) -> list[dict]:
+    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dump")
+    manifest, classifier = build_inputs(root)
+    result = dump_cams.run(make_params(), manifest, classifier, root / "cams", root / "metrics" / "cams.json",
+                           progress=False)
+    return root, manifest, classifier, result
+
+
+def test_one_fp16_shard_per_manifest_shard_with_present_classes(dumped):
+    root, manifest, _, result = dumped
+    names = sorted(p.name for s in ("train", "val") for p in manifest_files(manifest, s))
+    assert sorted(result["computed"]) == names and result["images"] == 12
+    assert sorted(p.name for p in (root / "cams").glob("*.parquet")) == names
+    meta = read_metadata(root / "cams" / names[0])
+    assert meta["kind"] == "cams" and meta["class_names"][0] == "background"
+    assert set(meta["producer"]) == {"stage", "code_version", "params_fingerprint", "model_fingerprint"}
+    for name in names:
+        truth = pq.read_table(manifest / name).to_pylist()
+        cams = pq.read_table(root / "cams" / name).to_pylist()
+        assert [r["image_id"] for r in cams] == [r["image_id"] for r in truth]  # manifest order kept
+        for row, gt in zip(cams, truth):
+            cam = decode_cams(row)
+            assert len(row["cams"]) == cam.size * 2  # fp16 bytes, present classes only
+            assert cam.shape == (len(row["classes"]), row["cam_height"], row["cam_width"])
+            assert max(row["cam_height"], row["cam_width"]) == 64 and row["aux_cams"] is None
+            assert (row["height"], row["width"]) == (gt["height"], gt["width"])
+            assert 0.0 <= cam.min() and cam.max() <= 1.0 and len(row["scores"]) == len(row["classes"])
+            if gt["tags"] is not None:
+                assert row["classes"] == sorted(gt["tags"]) and row["tag_source"] == "given"
+                assert np.all(cam.reshape(len(cam), -1).max(axis=1) > 0.8)  # min-max normalised, then reduced
+
+
+def test_untagged_rows_get_predicted_classes(dumped):
+    root, _, _, _ = dumped
+    name, untagged = UNTAGGED
+    rows = pq.read_table(root / "cams" / name).to_pylist()
+    for i, row in enumerate(rows):
+        assert row["tag_source"] == ("predicted" if i in untagged else "given")
+    for i in untagged:
+        scores = np.array(rows[i]["scores"])
+        assert len(rows[i]["classes"]) >= 1
+        assert len(scores) == 1 or np.all(scores > 0.5)  # above the threshold, or the top-1 fallback
+
+
+def test_batches_of_mixed_sizes_equal_batch_size_one(dumped, tmp_path):
+    root, manifest, classifier, _ = dumped
+    # pad_multiple 128: every image pads to 128x128, so each batch mixes images of different real sizes
+    mixed = dump_cams.run(make_params(pad_multiple=128, batch_size=8), manifest, classifier, tmp_path / "a",
+                          progress=False)
+    single = dump_cams.run(make_params(pad_multiple=128, batch_size=1), manifest, classifier, tmp_path / "b",
+                           progress=False)
+    assert mixed["images"] == single["images"] == 12
+    rows_a, rows_b = all_rows(tmp_path / "a"), all_rows(tmp_path / "b")
+    assert len({(r["height"], r["width"]) for r in rows_a}) > 1
+    for a, b in zip(rows_a, rows_b):
+        assert a["classes"] == b["classes"]
+        torch.testing.assert_close(torch.from_numpy(decode_cams(a)), torch.from_numpy(decode_cams(b)),
+                                   atol=2e-3, rtol=0)
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+
+
+def test_resume_recomputes_only_missing_shards_and_matches(dumped, tmp_path, monkeypatch):
+    root, manifest, classifier, _ = dumped
+    reference = shard_hashes(root / "cams")
+    out = tmp_path / "cams"
+    shutil.copytree(root / "cams", out)
+    (out / "train-00001.parquet").unlink()
+    again = dump_cams.run(make_params(), manifest, classifier, out, progress=False)
+    assert again["computed"] == ["train-00001.parquet"] and len(again["skipped"]) == 2
+    assert shard_hashes(out) == reference
+
+    # a run killed after its first shard: the rerun does the rest only, and ends identical
+    killed = tmp_path / "killed"
+    real_write = ShardSet.write
+
+    def write_once_then_die(self, name, *args, **kw):
+        if any(self.folder.glob("*.parquet")):
+            raise KeyboardInterrupt("killed")
+        return real_write(self, name, *args, **kw)
+
+    monkeypatch.setattr(ShardSet, "write", write_once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        dump_cams.run(make_params(), manifest, classifier, killed, progress=False)
+    monkeypatch.setattr(ShardSet, "write", real_write)
+    assert len(list(killed.glob("*.parquet"))) == 1
+    resumed = dump_cams.run(make_params(), manifest, classifier, killed, progress=False)
+    assert len(resumed["skipped"]) == 1 and len(resumed["computed"]) == 2
+    assert shard_hashes(killed) == reference
+    for path in (root / "cams").glob("*.parquet"):
+        assert (killed / path.name).read_bytes() == path.read_bytes()
+
+
+def test_changed_param_invalidates_all_and_prune_drops_splits(dumped, tmp_path):
+    root, manifest, classifier, _ = dumped
+    out = tmp_path / "cams"
+    shutil.copytree(root / "cams", out)
+    # a metrics-only key does not touch the shards
+    same = dump_cams.run(make_params(bkg_threshold=0.4), manifest, classifier, out, progress=False)
+    assert same["computed"] == []
+    changed = dump_cams.run(make_params(scales=(1.0,), splits=("train",)), manifest, classifier, out,
+                            progress=False)
+    assert sorted(changed["computed"]) == ["train-00000.parquet", "train-00001.parquet"]
+    assert changed["removed"] == ["val-00000.parquet"] and not (out / "val-00000.parquet").exists()
+    assert set(ShardSet(out).index()) == {"train-00000.parquet", "train-00001.parquet"}
+
+
+def test_metrics_and_curve(dumped):
+    root, _, _, result = dumped
+    metrics = json.loads((root / "metrics" / "cams.json").read_text())
+    for key in ("miou", "threshold", "best_miou", "best_threshold", "per_class"):
+        assert key in metrics
+    assert metrics["images"] == 4 and metrics["threshold"] == 0.5 and 0 <= metrics["miou"] <= 100
+    curve = json.loads((root / "metrics" / "cams_curve.json").read_text())["curve"]
+    assert [round(p["threshold"], 2) for p in curve] == [round(0.05 * i, 2) for i in range(1, 20)]
+    assert metrics["best_miou"] == max(p["miou"] for p in curve) >= metrics["miou"]
+    assert metrics["miou"] == next(p["miou"] for p in curve if p["threshold"] == 0.5)
+
+
+def test_aux_head_cams_are_stored_when_asked(dumped, tmp_path):
+    _, manifest, classifier, _ = dumped
+    dump_cams.run(make_params(aux=True, splits=("val",), scales=(1.0,)), manifest, classifier, tmp_path,
+                  progress=False)
+    for row in all_rows(tmp_path):
+        assert decode_cams(row, "aux_cams").shape == decode_cams(row).shape

@@ -1,0 +1,162 @@
+"""refine on CAMs of a tiny random ToCo: the chains, the labelling rule, 1 vs 2 processes, resume, schema, metrics."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("pydensecrf.densecrf")
+
+from models.par import ParConfig  # noqa: E402
+from models.pseudo import ThresholdConfig, online_pseudo_labels  # noqa: E402
+from shards.cams import decode_cams  # noqa: E402
+from shards.io import ShardSet, read_metadata  # noqa: E402
+from shards.pseudo_labels import read_mask  # noqa: E402
+from stages import dump_cams, refine  # noqa: E402
+from stages.crf import CrfConfig, crf_two_thresholds  # noqa: E402
+from stages.params import DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
+from stages.refine_chain import refine_chunk  # noqa: E402
+from tests.stages.test_dump_cams import build_inputs, shard_hashes  # noqa: E402
+
+
+def make_params(workers=1, **kw) -> Params:
+    return Params(runtime=RuntimeConfig(num_threads=1, num_workers=workers), refine=RefineParams(**kw))
+
+
+def rows_of(folder: Path) -> list[dict]:
+    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refine")
+    manifest, classifier = build_inputs(root)
+    run_params = Params(runtime=RuntimeConfig(num_threads=1), dump_cams=DumpCamsParams())
+    dump_cams.run(run_params, manifest, classifier, root / "cams", progress=False)
+    result = refine.run(make_params(), root / "cams", manifest, root / "pseudo", root / "metrics.json",
+                        root / "overlays", progress=False)
+    return root, manifest, result
+
+
+def test_default_chain_rows_schema_and_stats(inputs):
+    root, manifest, result = inputs
+    assert sorted(result["computed"]) == ["train-00000.parquet", "train-00001.parquet", "val-00000.parquet"]
+    meta = read_metadata(root / "pseudo" / "train-00000.parquet")
+    assert meta["kind"] == "pseudo_labels" and meta["methods"] == ["par", "crf"]
+    assert meta["producer"]["model_fingerprint"] == read_metadata(root / "cams" / "train-00000.parquet")[
+        "producer"]["model_fingerprint"]
+    hf = json.loads(pq.read_schema(root / "pseudo" / "train-00000.parquet").metadata[b"huggingface"])
+    features = hf["info"]["features"]
+    assert features["image"]["_type"] == features["mask"]["_type"] == "Image"
+    assert features["labels"]["feature"]["names"] == meta["class_names"]
+    truth = {r["image_id"]: r for r in rows_of(manifest)}
+    for row in rows_of(root / "pseudo"):
+        mask = read_mask(row)
+        assert mask.shape == (row["height"], row["width"])
+        assert set(np.unique(mask).tolist()) <= {0, 255, *row["labels"]}
+        assert row["image"] == truth[row["image_id"]]["image"]  # copied from the manifest
+        assert sum(row["pixels"]) + round(row["ignore_fraction"] * mask.size) == mask.size
+        assert len(row["pixels"]) == len(meta["class_names"]) and 0.0 <= row["confidence"] <= 1.0
+
+
+def test_empty_chain_is_the_ignore_middle_rule(inputs, tmp_path):
+    root, manifest, _ = inputs
+    refine.run(make_params(methods=()), root / "cams", manifest, tmp_path, progress=False)
+    for cam_row, row in zip(rows_of(root / "cams"), rows_of(tmp_path)):
+        cam = F.interpolate(torch.from_numpy(decode_cams(cam_row))[None], size=(row["height"], row["width"]),
+                            mode="bilinear", align_corners=False)[0]  # (P, H, W)
+        value, slot = cam.max(dim=0)
+        label = np.asarray(cam_row["classes"])[slot.numpy()]
+        expected = np.where(value > 0.7, label, np.where(value > 0.25, 255, 0))
+        np.testing.assert_array_equal(read_mask(row), expected)
+
+
+@pytest.mark.parametrize("methods", [("par",), ("crf",), ("crf", "par")])
+def test_other_chains_run(inputs, tmp_path, methods):
+    root, manifest, _ = inputs
+    result = refine.run(make_params(methods=methods, eval_splits=("val",)), root / "cams", manifest, tmp_path,
+                        progress=False)
+    assert result["images"] == 12 and result["metrics"]["images"] == 4
+    for row in rows_of(tmp_path):
+        assert set(np.unique(read_mask(row)).tolist()) <= {0, 255, *row["labels"]}
+
+
+def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_thresholds():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    cams = rng.random((2, 12, 16), dtype=np.float32)
+    full = F.interpolate(torch.from_numpy(cams)[None], size=(24, 32), mode="bilinear", align_corners=False)
+    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("par",)), torch.device("cpu"))
+    labels = torch.zeros(1, 5)
+    labels[0, [1, 4]] = 1  # classes 2 and 5 of K = 5
+    cams_k = torch.zeros(1, 5, 24, 32)
+    cams_k[0, [1, 4]] = full[0]
+    images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+    expected = online_pseudo_labels(cams_k, labels, images, ThresholdConfig(), ParConfig())[0]
+    np.testing.assert_array_equal(mask, expected.numpy())
+    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("crf",)), torch.device("cpu"))
+    expected = crf_two_thresholds(rgb, full[0].numpy(), [2, 5], CrfConfig())
+    assert (mask == expected).mean() > 0.99  # numpy vs torch softmax: equal up to float rounding
+
+
+def test_two_processes_write_identical_shards(inputs, tmp_path):
+    root, manifest, _ = inputs
+    result = refine.run(make_params(workers=2), root / "cams", manifest, tmp_path, progress=False)
+    assert len(result["computed"]) == 3
+    assert shard_hashes(tmp_path) == shard_hashes(root / "pseudo")
+
+
+def test_resume_and_invalidation(inputs, tmp_path, monkeypatch):
+    root, manifest, _ = inputs
+    reference = shard_hashes(root / "pseudo")
+    out = tmp_path / "pseudo"
+    shutil.copytree(root / "pseudo", out)
+    (out / "val-00000.parquet").unlink()
+    again = refine.run(make_params(), root / "cams", manifest, out, progress=False)
+    assert again["computed"] == ["val-00000.parquet"] and shard_hashes(out) == reference
+    assert again["metrics"] == inputs[2]["metrics"]  # metrics of reused shards come from the index
+
+    killed, real_write = tmp_path / "killed", ShardSet.write
+
+    def write_once_then_die(self, name, *args, **kw):
+        if any(self.folder.glob("*.parquet")):
+            raise KeyboardInterrupt("killed")
+        return real_write(self, name, *args, **kw)
+
+    monkeypatch.setattr(ShardSet, "write", write_once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        refine.run(make_params(), root / "cams", manifest, killed, progress=False)
+    monkeypatch.setattr(ShardSet, "write", real_write)
+    resumed = refine.run(make_params(), root / "cams", manifest, killed, progress=False)
+    assert len(resumed["computed"]) == 2 and shard_hashes(killed) == reference
+
+    report_only = refine.run(make_params(eval_splits=("val",), overlays=2), root / "cams", manifest, out,
+                             progress=False)
+    assert report_only["computed"] == [] and report_only["metrics"]["images"] == 4
+    crf_changed = refine.run(make_params(crf_bilateral_srgb=5.0), root / "cams", manifest, out, progress=False)
+    assert len(crf_changed["computed"]) == 3
+
+
+def test_metrics_and_overlays(inputs):
+    root, _, result = inputs
+    metrics = json.loads((root / "metrics.json").read_text())
+    for key in ("miou", "coverage", "precision", "recall", "per_class", "mean_ignore_fraction"):
+        assert key in metrics
+    assert metrics == result["metrics"] and metrics["images"] == metrics["gt_images"] == 8  # train split
+    assert 0.0 <= metrics["coverage"] <= 1.0 and 0.0 <= metrics["miou"] <= 100.0
+    overlays = sorted((root / "overlays").glob("*.png"))
+    assert len(overlays) == 8
+    from PIL import Image
+    with Image.open(overlays[0]) as image:
+        assert image.width > 3 * image.height  # four panels side by side
+
+
+def test_random_walk_is_refused_with_a_clear_message(inputs, tmp_path):
+    root, manifest, _ = inputs
+    with pytest.raises(ValueError, match="affinity head"):
+        refine.run(make_params(methods=("par", "random_walk")), root / "cams", manifest, tmp_path, progress=False)
