@@ -30,7 +30,7 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("split", pa.string()),
     ("image", IMAGE_TYPE),
     ("mask", IMAGE_TYPE),
-    ("labels", pa.list_(pa.int16())),
+    ("labels", pa.list_(pa.int64())),  # int64: what a Hugging Face ClassLabel reads as class names
     ("tag_source", pa.string()),
     ("height", pa.int32()),
     ("width", pa.int32()),

@@ -46,7 +46,7 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8:
         # no silent rescaling: a [0, 1] float image cast to uint8 would be black and switch colour off
         raise TypeError(f"image must be uint8 RGB, got {image.dtype}")
-    return np.ascontiguousarray(image)
+    return np.require(image, requirements=["C", "W"])  # pydensecrf needs a writable C buffer
 
 
 def _check_planes(planes: np.ndarray, image: np.ndarray, name: str) -> np.ndarray:

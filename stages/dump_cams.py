@@ -146,7 +146,9 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
         stored = []
         for cam in maps:
             cam = cam[b: b + 1, : len(classes), :h, :w].float()  # (1, P_b, h, w): crop the padding away
-            if (ch, cw) != (h, w):
+            if not classes:  # a tagged image with no foreground class: an empty (0, ch, cw) stack
+                cam = cam.new_zeros(1, 0, ch, cw)
+            elif (ch, cw) != (h, w):
                 cam = F.interpolate(cam, size=(ch, cw), mode="bilinear", align_corners=False,
                                     antialias=ch < h or cw < w)
             stored.append(encode_cams(cam[0].cpu().numpy()))

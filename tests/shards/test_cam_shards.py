@@ -100,3 +100,11 @@ def test_pseudo_label_rows_round_trip_and_metrics(tmp_path):
     assert metrics["miou"] == round(100 * (28 / 36 + 1) / 2, 2)  # background loses its 8 ignored pixels
     assert metrics["coverage"] == round(40 / 48, 4) and metrics["images"] == 1
     assert pseudo_label_metrics(tmp_path, NAMES, ["val"])["images"] == 0
+
+
+def test_hugging_face_reads_images_masks_and_class_names():
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features.from_arrow_schema(pseudo_label_schema(NAMES, voc_palette(), PRODUCER, methods=()))
+    assert isinstance(features["image"], datasets.Image) and isinstance(features["mask"], datasets.Image)
+    labels = features["labels"].feature  # the metadata is used only where its arrow type matches the column's
+    assert isinstance(labels, datasets.ClassLabel) and labels.int2str(2) == "dog"

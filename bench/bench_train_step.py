@@ -1,0 +1,141 @@
+"""Training-step benchmark of the ToCo classifier: images/s and peak memory.
+
+    python bench/bench_train_step.py --preset cpu                 # the params.yaml default on this CPU
+    python bench/bench_train_step.py --preset paper --device cuda # ViT-B/16 @ 448: fp32 eager vs bf16 fused,
+                                                                  # batch 4 and the largest batch that fits
+
+Each row runs full ToCo steps (both global views in one pass, local crops, PTC, CTC, seg loss with PAR, backward,
+AdamW) on random images, after warm-up steps. Ratios are against the first row, measured in the same run.
+Needs only torch + timm (no dvc/prefect/pydensecrf), so it runs on the GPU machine too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.toco import ToCo  # noqa: E402
+from shards.params import build, read_yaml  # noqa: E402
+from stages.classifier_model import toco_config  # noqa: E402
+from stages.params import ClassifierParams  # noqa: E402
+from stages.toco_step import ToCoTrainer  # noqa: E402
+from stages.train_classifier import step_config  # noqa: E402
+
+PAPER = dict(backbone="vit_base_patch16_224", patch_size=0, embed_dim=0, depth=0, num_heads=0, crop_size=448,
+             local_crops=8, local_crop_size=96, seg_dim=512, proj_hidden_dim=2048, proj_bottleneck_dim=256,
+             proj_out_dim=1024, cam_scales=(1.0,))
+
+
+def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
+
+
+def measure(p: ClassifierParams, batch: int, device: torch.device, bf16: bool, fused: bool, steps: int,
+            warmup: int, num_classes: int = 20) -> dict:
+    torch.manual_seed(0)
+    model = ToCo(toco_config(p, num_classes)).to(device)
+    set_fused_attention(model, fused)
+    trainer = ToCoTrainer(model, step_config(dataclasses.replace(p, seg_start_iter=0)))
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+    s = p.crop_size
+    x = torch.randn(batch, 3, s, s, device=device)
+    valid = torch.ones(batch, s, s, dtype=torch.bool, device=device)
+    labels = torch.zeros(batch, num_classes, device=device)
+    labels[:, 0] = 1
+    labels[::2, 5] = 1
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.type == "cuda") else \
+        torch.autocast("cpu", enabled=False)
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        with autocast:
+            losses = trainer(x, valid, labels, step=10**6)
+        losses["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS, GiB
+    elapsed = time.perf_counter() - start
+    return {"batch": batch, "img_s": batch * steps / elapsed, "step_s": elapsed / steps, "peak_gib": peak}
+
+
+def largest_batch(p, device, bf16, fused, start=8, limit=512) -> int:
+    """Doubling, then bisection, on out-of-memory errors."""
+    ok, bad = 0, None
+    batch = start
+    while batch <= limit:
+        try:
+            measure(p, batch, device, bf16, fused, steps=1, warmup=1)
+            ok, batch = batch, batch * 2
+        except torch.OutOfMemoryError:
+            bad = batch
+            break
+        finally:
+            torch.cuda.empty_cache()
+    while bad is not None and bad - ok > max(1, ok // 8):
+        mid = (ok + bad) // 2
+        try:
+            measure(p, mid, device, bf16, fused, steps=1, warmup=1)
+            ok = mid
+        except torch.OutOfMemoryError:
+            bad = mid
+        finally:
+            torch.cuda.empty_cache()
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
+    parser.add_argument("--params", default=str(Path(__file__).resolve().parent.parent / "params.yaml"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    p = build(ClassifierParams, read_yaml(args.params).get("train_classifier"), where="train_classifier")
+    if args.preset == "paper":
+        p = dataclasses.replace(p, **PAPER)
+    rows = []
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 baseline
+        for bf16, fused in ((False, False), (True, True)):
+            rows.append(("fp32 eager" if not bf16 else "bf16 fused", measure(p, 4, device, bf16, fused,
+                                                                               args.steps, args.warmup)))
+            big = largest_batch(p, device, bf16, fused)
+            rows.append((f"{rows[-1][0]} (largest batch)", measure(p, big, device, bf16, fused, args.steps,
+                                                                   args.warmup)))
+    else:
+        rows.append(("fp32 fused (CPU)", measure(p, p.batch_size, device, False, True, args.steps, args.warmup)))
+        rows.append(("fp32 eager (CPU)", measure(p, p.batch_size, device, False, False, args.steps, args.warmup)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    print(f"# ToCo train step, preset {args.preset}, backbone {p.backbone} patch {p.patch_size or 'default'} "
+          f"@ {p.crop_size}px, {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| setting | batch | images/s | s/step | peak memory (GiB) | speed vs first row |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    base = rows[0][1]["img_s"]
+    for label, r in rows:
+        print(f"| {label} | {r['batch']} | {r['img_s']:.1f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | "
+              f"{r['img_s'] / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
