@@ -37,6 +37,10 @@ def create_vit(
     patch_size: int | None = None,
     drop_path_rate: float = 0.0,
     freeze_pos_embed: bool = False,
+    stem: str = "",
+    stem_weights: str = "",
+    stem_output_stride: int = 16,
+    freeze_stem: bool = False,
     **kw,
 ) -> nn.Module:
     """A timm ViT without a classifier head, accepting inputs of any size.
@@ -45,10 +49,20 @@ def create_vit(
     local weight file. ``patch_size`` overrides the name's patch size (local weights with another patch size
     have their patch-embedding kernel resampled, FlexiViT style). Extra ``kw`` go to ``timm.create_model``
     (e.g. ``embed_dim``, ``depth``, ``num_heads`` for tiny test models).
+    ``stem``: a timm CNN name whose features (dilated to ``stem_output_stride``) replace the patch embedding
+    (models/stem.py), with weights of the whole CNN from the local file ``stem_weights`` ("" = random).
     """
     kwargs = dict(num_classes=0, img_size=img_size, dynamic_img_size=True, drop_path_rate=drop_path_rate, **kw)
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
+    if stem:
+        from models.stem import create_stem, hybrid_embed_layer
+
+        state = read_state_dict(stem_weights) if stem_weights else None
+        cnn = create_stem(stem, output_stride=stem_output_stride, state=state, source=stem_weights,
+                          frozen=freeze_stem)
+        kwargs.update(embed_layer=hybrid_embed_layer(cnn), patch_size=1)
+        kwargs.pop("dynamic_img_pad", None)  # the CNN takes any size itself
     if pretrained == "hub":
         try:
             with _offline_unless_reachable():

@@ -33,6 +33,10 @@ class ToCoConfig:
     drop_path_rate: float = 0.0
     freeze_pos_embed: bool = True  # the reference freezes the interpolated position embedding
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    stem: str = ""  # timm CNN whose features replace the patch embedding ("" = plain patches); models/stem.py
+    stem_weights: str = ""  # local weight file of the whole stem CNN ("" = random init)
+    stem_output_stride: int = 16  # the stem's last stage is dilated to keep this stride (8, 16 or 32)
+    freeze_stem: bool = False  # keep the pretrained stem fixed (no gradient, BatchNorm in eval mode)
     aux_layer: int = -3  # block whose (pre-norm) tokens feed the auxiliary classifier
     use_aux: bool = True
     use_seg_head: bool = True
@@ -79,7 +83,9 @@ class ToCo(nn.Module):
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else create_vit(
             cfg.backbone, img_size=cfg.img_size, pretrained=cfg.pretrained, patch_size=cfg.patch_size,
-            drop_path_rate=cfg.drop_path_rate, freeze_pos_embed=cfg.freeze_pos_embed, **cfg.backbone_kwargs)
+            drop_path_rate=cfg.drop_path_rate, freeze_pos_embed=cfg.freeze_pos_embed, stem=cfg.stem,
+            stem_weights=cfg.stem_weights, stem_output_stride=cfg.stem_output_stride, freeze_stem=cfg.freeze_stem,
+            **cfg.backbone_kwargs)
         depth = len(self.backbone.blocks)
         if not -depth <= cfg.aux_layer < depth:
             raise ValueError(f"aux_layer {cfg.aux_layer} is outside the backbone's {depth} blocks")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,20 @@ from stages.checkpoint import load_weights
 from stages.params import ClassifierParams
 
 
+def resolve_weights(spec: str) -> str:
+    """A weight-file spec as a path: ``pkg:<module>/<file>`` names a file shipped inside an installed package."""
+    if not spec.startswith("pkg:"):
+        return spec
+    module, _, relative = spec[4:].partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec}: package {module!r} is not installed (it is in requirements.txt)")
+    path = Path(list(found.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{spec}: {path} does not exist")
+    return str(path)
+
+
 def toco_config(p: ClassifierParams, num_classes: int) -> ToCoConfig:
     backbone_kwargs = {k: v for k, v in (("embed_dim", p.embed_dim), ("depth", p.depth),
                                          ("num_heads", p.num_heads)) if v}
@@ -21,14 +36,16 @@ def toco_config(p: ClassifierParams, num_classes: int) -> ToCoConfig:
         backbone=p.backbone, num_classes=num_classes, img_size=p.crop_size, patch_size=p.patch_size or None,
         pretrained=p.pretrained, drop_path_rate=p.drop_path_rate, freeze_pos_embed=p.freeze_pos_embed,
         backbone_kwargs=backbone_kwargs, aux_layer=p.aux_layer, use_aux=p.use_aux,
-        use_seg_head=p.use_seg, use_ctc=p.use_ctc, seg_dim=p.seg_dim, proj_hidden_dim=p.proj_hidden_dim,
+        stem=p.stem, stem_weights=resolve_weights(p.stem_weights) if p.stem else "",
+        stem_output_stride=p.stem_output_stride, freeze_stem=p.freeze_stem, use_seg_head=p.use_seg, use_ctc=p.use_ctc, seg_dim=p.seg_dim, proj_hidden_dim=p.proj_hidden_dim,
         proj_bottleneck_dim=p.proj_bottleneck_dim, proj_out_dim=p.proj_out_dim, ema_momentum=p.ema_momentum,
     )
 
 
 def config_to_json(cfg: ToCoConfig, class_names: list[str]) -> dict[str, Any]:
     # The trained weights are complete: rebuilding never needs the original pretrained file again.
-    return {"toco": {**dataclasses.asdict(cfg), "pretrained": "none"}, "class_names": class_names}
+    return {"toco": {**dataclasses.asdict(cfg), "pretrained": "none", "stem_weights": ""},
+            "class_names": class_names}
 
 
 def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> tuple[ToCo, list[str]]:

@@ -68,6 +68,20 @@ def resize_long(rgb: np.ndarray, long_side: int, resample=Image.BILINEAR) -> np.
     return np.asarray(Image.fromarray(rgb).resize(size, resample))
 
 
+def resize_to_multiple(rgb: np.ndarray, long_side: int, multiple: int) -> np.ndarray:
+    """Long side to ``long_side``, then each side rounded to a multiple of ``multiple`` (>= one multiple).
+
+    Hybrid (conv-stem) ViTs need inputs whose sides divide their stride; the slight change of aspect ratio is
+    harmless where the output is resized back to the original image (CAM metrics).
+    """
+    rgb = resize_long(rgb, long_side)
+    h, w = rgb.shape[:2]
+    size = (max(multiple, round(w / multiple) * multiple), max(multiple, round(h / multiple) * multiple))
+    if size == (w, h):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+
+
 def augment(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Rescale, flip, colour-jitter and pad-crop; returns (crop (S, S, 3) uint8, valid (S, S) bool)."""
     rgb = resize_long(rgb, cfg.base_size)
@@ -124,9 +138,10 @@ class TrainCrops(Dataset):
 class EvalImages(Dataset):
     """Whole images (long side resized to ``size``), their tags and ground truth at the original size."""
 
-    def __init__(self, index: RowIndex, num_classes: int, size: int, rows: list[int] | None = None):
+    def __init__(self, index: RowIndex, num_classes: int, size: int, rows: list[int] | None = None,
+                 multiple: int = 32):
         self.reader = RowReader(index, columns=["image_id", "image", "tags", "mask"], cache_groups=2)
-        self.num_classes, self.size = num_classes, size
+        self.num_classes, self.size, self.multiple = num_classes, size, multiple
         self.rows = list(range(len(index))) if rows is None else list(rows)
 
     def __len__(self) -> int:
@@ -138,7 +153,7 @@ class EvalImages(Dataset):
         mask = row["mask"]
         return {
             "image_id": row["image_id"],
-            "image": to_tensor(resize_long(rgb, self.size)),
+            "image": to_tensor(resize_to_multiple(rgb, self.size, self.multiple)),
             "labels": torch.from_numpy(multi_hot(row["tags"], self.num_classes)),
             "gt": decode_mask_png(mask["bytes"]) if mask and mask.get("bytes") else None,
         }

@@ -160,7 +160,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
             live.log_metric("train/lr", scheduler.get_last_lr()[0])
             live.log_metric("train/images_per_s", seen / max(elapsed, 1e-9))
             live.next_step()
-            bar.set_postfix(loss=f"{float(losses['total']):.3f}", ips=f"{seen / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}", ips=f"{seen / max(elapsed, 1e-9):.0f}")
             seen, tick = 0, time.perf_counter()
         if step % p.eval_every == 0 and env.is_main and val_set is not None and step < p.iterations:
             subset = Subset(val_set, range(min(p.eval_images, len(val_set))))

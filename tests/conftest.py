@@ -15,6 +15,7 @@ TINY = {
     "shapes": {"num_train": 24, "num_val": 8, "min_side": 64, "max_side": 96},
     "prepare": {"rows_per_shard": 16},
     "train_classifier": {
+        "stem": "", "patch_size": 8,
         "embed_dim": 32, "depth": 4, "num_heads": 2, "crop_size": 48, "base_size": 64, "batch_size": 4,
         "iterations": 4, "warmup_iters": 1, "eval_every": 2, "eval_images": 2, "checkpoint_every": 2,
         "log_every": 1, "local_crops": 2, "local_crop_size": 24, "seg_start_iter": 2, "seg_dim": 16,

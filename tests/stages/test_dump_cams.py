@@ -40,7 +40,7 @@ def build_inputs(root: Path) -> tuple[Path, Path]:
     ShardSet(manifest).write(name, pa.Table.from_pylist(records, schema=table.schema),
                              fingerprint=entry["fingerprint"], split="train")
     names = read_classes(manifest)["class_names"]
-    cfg = toco_config(ClassifierParams(backbone="vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=4,
+    cfg = toco_config(ClassifierParams(backbone="vit_tiny_patch16_224", stem="", patch_size=8, embed_dim=32, depth=4,
                                        num_heads=2, crop_size=32, seg_dim=16, proj_hidden_dim=32,
                                        proj_bottleneck_dim=16, proj_out_dim=32), len(names) - 1)
     torch.manual_seed(0)
