@@ -44,12 +44,12 @@ from shards.fingerprint import code_version, fingerprint, hash_params
 from shards.images import decode_mask_png
 from shards.io import ShardSet, atomic_write_json, sha256_file
 from shards.manifest import manifest_files, read_classes
-from shards.params import ParamsError, to_dict
+from shards.params import to_dict
 from stages import runtime as rt
 from stages.cam_eval import SWEEP
 from stages.classifier_model import load_classifier
 from stages.data import decode_rgb, resize_long, to_tensor
-from stages.params import DumpCamsParams, load_params
+from stages.params import DumpCamsParams, load_params_or_exit
 
 log = logging.getLogger("dump_cams")
 REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
@@ -267,11 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="metrics/cams.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    params = load_params_or_exit(args.params)
     run(params, Path(args.manifest), Path(args.classifier), Path(args.out), Path(args.metrics))
     return 0
 

@@ -8,10 +8,11 @@ in it carries a comment.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.params import load, param
+from shards.params import ParamsError, load, param
 from shards.shapes import ShapesConfig
 
 SOURCES = ("shapes", "voc", "coco", "folder")
@@ -187,3 +188,12 @@ class Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     """The whole params file, checked; raises shards.params.ParamsError naming file and key."""
     return load(Params, path)
+
+
+def load_params_or_exit(path: str | Path) -> Params:
+    """For a stage's ``main``: the checked params, or exit status 2 with the file and key on stderr."""
+    try:
+        return load_params(path)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

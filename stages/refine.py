@@ -43,11 +43,11 @@ from shards.images import decode_mask_png, encode_mask
 from shards.io import ShardSet, atomic_write_json, read_metadata
 from shards.manifest import read_classes
 from shards.metrics import ConfusionMatrix
-from shards.params import ParamsError, to_dict
+from shards.params import to_dict
 from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
 from stages.data import decode_rgb, resize_long
 from stages.overlays import write_overlays
-from stages.params import RefineParams, load_params
+from stages.params import RefineParams, load_params_or_exit
 from stages.refine_chain import check_methods, refine_chunk
 
 log = logging.getLogger("refine")
@@ -188,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlays", default="metrics/overlays")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params_or_exit(args.params)
     try:
-        params = load_params(args.params)
         check_methods(params.refine.methods)
-    except (ParamsError, ValueError) as exc:
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run(params, Path(args.cams), Path(args.manifest), Path(args.out), Path(args.metrics), Path(args.overlays))

@@ -34,14 +34,14 @@ from models.toco import ToCo, param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import atomic_write_json
 from shards.manifest import manifest_files, read_classes
-from shards.params import ParamsError, to_dict
+from shards.params import to_dict
 from shards.sampling import RowIndex, block_shuffle
 from stages import runtime as rt
 from stages.cam_eval import evaluate_classifier
 from stages.checkpoint import checkpoint_path, load_checkpoint, prune_other_runs, save_checkpoint, save_weights
 from stages.classifier_model import config_to_json, toco_config
 from stages.data import AugmentConfig, EvalImages, TrainCrops
-from stages.params import ClassifierParams, load_params
+from stages.params import ClassifierParams, load_params_or_exit
 from stages.toco_step import StepConfig, ToCoTrainer
 
 log = logging.getLogger("train_classifier")
@@ -226,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live", default="dvclive/train_classifier")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params)
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    params = load_params_or_exit(args.params)
     started = time.perf_counter()
     result = run(params, Path(args.manifest), Path(args.out), Path(args.checkpoints), Path(args.metrics),
                  Path(args.live) if args.live else None)

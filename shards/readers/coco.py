@@ -222,7 +222,7 @@ def _plan_split(split: str, path: Path, data: dict, class_map: dict[int, int], i
     images: dict[int, dict] = {}
     for number, image in enumerate(data["images"]):
         try:
-            key, file_name = int(image["id"]), str(image["file_name"])
+            key, _ = int(image["id"]), str(image["file_name"])  # file_name must exist
             int(image["height"]), int(image["width"])
         except (KeyError, TypeError, ValueError):
             raise DataError(f"{path}: images[{number}] lacks an integer id, file_name, height or width") from None
