@@ -23,7 +23,7 @@ class RuntimeConfig:
     seed: int = param(0, lo=0, help="global seed for every random choice")
     device: str = param("auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     num_threads: int = param(0, lo=0, help="torch CPU threads; 0 = torch's default")
-    num_workers: int = param(1, lo=1, help="processes for shard-parallel work (decode, CRF)")
+    num_workers: int = param(2, lo=1, help="processes for shard-parallel work (decode, CRF)")
     dask_address: str = param("", help="Dask scheduler address; empty = no Dask")
 
 
@@ -126,9 +126,9 @@ class DumpCamsParams:
 
     splits: tuple[str, ...] = param(("train", "val"), help="manifest splits to dump")
     scales: tuple[float, ...] = param((1.0, 0.5, 1.5), lo=0.1, hi=4.0, help="CAM scales (each with its flip)")
-    image_size: int = param(128, lo=16, hi=4096, help="long side of the network input (GPU / paper: 448)")
+    image_size: int = param(256, lo=16, hi=4096, help="network input long side; ~the images' size")
     pad_multiple: int = param(32, lo=1, hi=4096, help="pad the resized image bottom/right to a multiple of this")
-    cam_size: int = param(64, lo=0, hi=4096, help="long side of the stored CAMs; 0 = image_size")
+    cam_size: int = param(128, lo=0, hi=4096, help="long side of the stored CAMs; 0 = image_size")
     batch_size: int = param(16, lo=1, help="images per network batch")
     aux: bool = param(False, help="also store the auxiliary head's CAMs")
     predict_threshold: float = param(0.5, lo=0.0, hi=1.0, help="untagged rows: classes with sigmoid > this")

@@ -14,6 +14,7 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "shards"
 TINY = {
     "shapes": {"num_train": 24, "num_val": 8, "min_side": 64, "max_side": 96},
     "prepare": {"rows_per_shard": 16},
+    "dump_cams": {"image_size": 64, "cam_size": 32},
     "train_classifier": {
         "stem": "", "patch_size": 8,
         "embed_dim": 32, "depth": 4, "num_heads": 2, "crop_size": 48, "base_size": 64, "batch_size": 4,

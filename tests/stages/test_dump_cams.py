@@ -85,7 +85,7 @@ def test_one_fp16_shard_per_manifest_shard_with_present_classes(dumped):
             cam = decode_cams(row)
             assert len(row["cams"]) == cam.size * 2  # fp16 bytes, present classes only
             assert cam.shape == (len(row["classes"]), row["cam_height"], row["cam_width"])
-            assert max(row["cam_height"], row["cam_width"]) == 64 and row["aux_cams"] is None
+            assert max(row["cam_height"], row["cam_width"]) == DumpCamsParams().cam_size and row["aux_cams"] is None
             assert (row["height"], row["width"]) == (gt["height"], gt["width"])
             assert ((0.0 <= cam) & (cam <= 1.0)).all() and len(row["scores"]) == len(row["classes"])
             if gt["tags"] is not None:
