@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from shards.io import with_metadata
+from shards.io import dataset_metadata, with_metadata
 from shards.metrics import ConfusionMatrix
 
 CAM_DTYPE = np.dtype("<f2")
@@ -41,15 +41,8 @@ CAM_SCHEMA = pa.schema([
 def cam_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: Mapping[str, Any],
                *, scales: Sequence[float], ignore_index: int = 255) -> pa.Schema:
     """CAM_SCHEMA with our metadata; ``class_names`` includes background (index 0)."""
-    meta = {
-        "kind": "cams",
-        "class_names": list(class_names),
-        "palette": [list(c) for c in palette],
-        "ignore_index": ignore_index,
-        "cam_dtype": "float16-le",
-        "scales": list(scales),
-        "producer": dict(producer),
-    }
+    meta = dataset_metadata("cams", class_names, palette, producer, ignore_index, cam_dtype="float16-le",
+                            scales=list(scales))
     return with_metadata(CAM_SCHEMA, meta)
 
 

@@ -74,6 +74,13 @@ def with_metadata(schema: pa.Schema, meta: Mapping[str, Any], extra: Mapping[byt
     return schema.with_metadata(merged)
 
 
+def dataset_metadata(kind: str, class_names: Iterable[str], palette: Iterable[Iterable[int]],
+                     producer: Mapping[str, Any], ignore_index: int = 255, **extra: Any) -> dict[str, Any]:
+    """The metadata every class-carrying shard shares (DESIGN.md §4); ``class_names`` starts with background."""
+    return {"kind": kind, "class_names": list(class_names), "palette": [list(c) for c in palette],
+            "ignore_index": ignore_index, **extra, "producer": dict(producer)}
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Our metadata of a shard file (reads only the footer)."""
     schema = pq.read_schema(path)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards.images import decode_mask_png
-from shards.io import ShardSet, with_metadata
+from shards.io import ShardSet, dataset_metadata, with_metadata
 from shards.manifest import IMAGE_TYPE, huggingface_features
 from shards.metrics import ConfusionMatrix
 
@@ -43,14 +43,7 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
 def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: Mapping[str, Any],
                         *, methods: Sequence[str], ignore_index: int = 255) -> pa.Schema:
     """PSEUDO_LABEL_SCHEMA with our metadata; ``class_names`` includes background (index 0)."""
-    meta = {
-        "kind": "pseudo_labels",
-        "class_names": list(class_names),
-        "palette": [list(c) for c in palette],
-        "ignore_index": ignore_index,
-        "methods": list(methods),
-        "producer": dict(producer),
-    }
+    meta = dataset_metadata("pseudo_labels", class_names, palette, producer, ignore_index, methods=list(methods))
     value = {"dtype": "string", "_type": "Value"}
     hf = huggingface_features({
         "image_id": value,
