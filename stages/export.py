@@ -1,0 +1,150 @@
+"""DVC stage ``export``: pseudo-label shards -> a dataset package that other segmenters download (DESIGN.md §1, 3).
+
+Consumes ``data/pseudo_labels`` (``refine``; its ``index.json`` sha256s are checked first, so a damaged shard is
+never published), ``data/manifest/classes.json`` (classes, palette) and, when present,
+``metrics/pseudo_labels.json`` (the quality against ground truth, for the card). Produces ``data/export`` in the
+layout of ``shards/package.py``: ``data/<split>-NNNNN-of-NNNNN.parquet`` re-sharded to ``export.rows_per_shard``
+rows with ``export.row_group_size``-row groups (the columns and schema metadata of the pseudo-label shards, so
+``datasets.load_dataset("parquet", data_dir=...)`` decodes images, masks and class names), the dataset card
+``README.md``, ``package.json``, an optional VOC-style ``voc/`` folder and ``SHA256SUMS`` over everything.
+
+Every file is written to a temporary name and ``os.replace``-d into place; files of an earlier package that the
+new one does not have are removed; the result is a pure function of inputs and params (same bytes every run), so a
+killed export is simply run again. The stage reads and copies bytes only: no torch, no decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from shards.dataset_card import render_card
+from shards.io import ShardSet, atomic_write_bytes, read_metadata
+from shards.manifest import read_classes
+from shards.package import (CARD_NAME, CHECKSUMS_NAME, INFO_NAME, VOC_DIR, is_package, remove_stale,
+                            source_files, write_checksums, write_info, write_split, write_voc_lists)
+from shards.params import to_dict
+from stages.params import ExportParams, Params, load_params_or_exit
+
+log = logging.getLogger("export")
+
+
+def read_quality(metrics_path: Path | None) -> dict[str, Any] | None:
+    """``metrics/pseudo_labels.json`` when it measured something (ground truth existed), else None."""
+    if metrics_path is None or not Path(metrics_path).is_file():
+        return None
+    metrics = json.loads(Path(metrics_path).read_text())
+    if not metrics.get("gt_images") or metrics.get("miou") is None:
+        return None
+    keys = ("miou", "coverage", "precision", "recall", "gt_images", "splits", "methods", "per_class")
+    return {key: metrics.get(key) for key in keys}
+
+
+def provenance(params: Params, meta: dict[str, Any]) -> dict[str, Any]:
+    """Where the labels come from: the source, the classifier and refine fingerprints, and the params."""
+    producer = meta.get("producer", {})
+    prepare = params.prepare
+    return {
+        "source": {"source": prepare.source, "root": prepare.root, "classes": prepare.classes},
+        "classifier_fingerprint": producer.get("model_fingerprint", ""),
+        "stage": producer.get("stage", ""),
+        "code_version": producer.get("code_version", ""),
+        "params_fingerprint": producer.get("params_fingerprint", ""),
+        "params": {name: to_dict(getattr(params, name)) for name in ("train_classifier", "dump_cams", "refine")},
+    }
+
+
+def split_info(summary: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    total = sum(summary["pixels"]) + summary["ignored_pixels"]
+    return {"images": summary["images"], "shards": summary["shards"],
+            "pixel_share": {n: round(c / max(total, 1), 6) for n, c in zip(class_names, summary["pixels"])},
+            "ignored_pixel_share": round(summary["ignored_pixels"] / max(total, 1), 6),
+            "pixels": summary["pixels"], "ignored_pixels": summary["ignored_pixels"]}
+
+
+def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Write the package; returns {images, splits, files, bytes, removed, seconds}."""
+    cfg: ExportParams = params.export
+    pseudo_dir, out_dir = Path(pseudo_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not is_package(out_dir):
+        raise ValueError(f"{out_dir}: not empty and not an export package; refusing to overwrite it")
+    ShardSet(pseudo_dir).verify()
+    sources = {split: source_files(pseudo_dir, split) for split in cfg.splits}
+    missing = [split for split, files in sources.items() if not files]
+    if missing:
+        raise ValueError(f"{pseudo_dir}: no pseudo-label shards of split(s) {missing}; run refine on them, "
+                         "or change export.splits")
+    classes = read_classes(manifest_dir)
+    meta = read_metadata(sources[cfg.splits[0]][0])
+    if meta["class_names"] != classes["class_names"]:
+        raise ValueError(f"{pseudo_dir}: classes {meta['class_names']} differ from {manifest_dir}'s "
+                         f"{classes['class_names']}; run refine again")
+    names = list(meta["class_names"])
+    bar = tqdm(total=sum(ShardSet(pseudo_dir).index().get(p.name, {}).get("rows", 0)
+                         for files in sources.values() for p in files), desc="export", unit="img",
+               disable=not progress)
+    started = time.perf_counter()
+    summaries = {split: write_split(files, split, out_dir, rows_per_shard=cfg.rows_per_shard,
+                                    row_group_size=cfg.row_group_size, voc=cfg.voc, on_rows=bar.update)
+                 for split, files in sources.items()}
+    bar.close()
+    written = [rel for s in summaries.values() for rel in s["files"]]
+    if cfg.voc:
+        written += write_voc_lists(out_dir, names, {split: s["ids"] for split, s in summaries.items()})
+    info = {
+        "name": cfg.name or f"{params.prepare.source} pseudo labels",
+        "license": cfg.license,
+        "class_names": names,
+        "palette": [list(c) for c in meta["palette"][:len(names)]],
+        "ignore_index": meta["ignore_index"],
+        "ignore_colour": list(meta["palette"][meta["ignore_index"]]) if len(meta["palette"]) > 255 else [255] * 3,
+        "methods": list(meta.get("methods", [])),
+        "row_group_size": cfg.row_group_size,
+        "splits": {split: split_info(s, names) for split, s in summaries.items()},
+        "voc": VOC_DIR if cfg.voc else None,
+        "quality": read_quality(metrics_path),
+        "provenance": provenance(params, meta),
+    }
+    write_info(out_dir, info)
+    info = json.loads((out_dir / INFO_NAME).read_text())  # the card renders exactly what package.json says
+    atomic_write_bytes(out_dir / CARD_NAME, render_card(info).encode())
+    removed = remove_stale(out_dir, [*written, INFO_NAME, CARD_NAME, CHECKSUMS_NAME])
+    sums = write_checksums(out_dir)
+    seconds = time.perf_counter() - started
+    images = sum(s["images"] for s in summaries.values())
+    size = sum((out_dir / rel).stat().st_size for rel in sums)
+    log.info("export: %d images, %d files, %.1f MB in %.1f s: %.1f images/s, %.1f MB/s (%d stale files removed)",
+             images, len(sums) + 1, size / 1e6, seconds, images / max(seconds, 1e-9), size / 1e6 / max(seconds, 1e-9),
+             len(removed))
+    return {"images": images, "splits": {s: v["images"] for s, v in summaries.items()}, "files": sorted(sums),
+            "bytes": size, "removed": removed, "seconds": round(seconds, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--pseudo-labels", default="data/pseudo_labels")
+    parser.add_argument("--manifest", default="data/manifest")
+    parser.add_argument("--metrics", default="metrics/pseudo_labels.json", help="quality for the card, if present")
+    parser.add_argument("--out", default="data/export")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params_or_exit(args.params)
+    try:
+        run(params, Path(args.pseudo_labels), Path(args.manifest), Path(args.out), Path(args.metrics))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

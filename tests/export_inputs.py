@@ -1,0 +1,81 @@
+"""Synthetic pseudo-label shards for the export tests: written by the project's own writer, no classifier needed.
+
+``write_inputs(root)`` makes ``root/pseudo_labels`` (refine's layout: ``<split>-NNNNN.parquet`` + ``index.json``
+with confusion matrices), ``root/manifest/classes.json`` and ``root/metrics/pseudo_labels.json``. Images are a
+mix of PNG and JPEG, 40-64 px; masks hold boxes of classes 1..3, a 255 band on their outlines and scattered 255s.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from shards.images import encode_mask
+from shards.io import ShardSet, atomic_write_json
+from shards.metrics import ConfusionMatrix
+from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
+from shards.records import voc_palette
+from stages.params import ExportParams, Params
+
+CLASS_NAMES = ["background", "disc", "box", "bar"]
+PRODUCER = {"stage": "refine", "code_version": "c0de", "params_fingerprint": "f00d",
+            "model_fingerprint": "classifier-fp-1234"}
+SPLITS = {"train": 7, "val": 3}
+
+
+def synthetic_row(rng: np.random.Generator, image_id: str, split: str, index: int) -> tuple[dict, np.ndarray]:
+    height, width = (int(v) for v in rng.integers(40, 65, size=2))
+    truth = np.zeros((height, width), dtype=np.uint8)
+    for _ in range(int(rng.integers(1, 3))):
+        cls = int(rng.integers(1, len(CLASS_NAMES)))
+        top, left = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 12))
+        truth[top: top + int(rng.integers(8, 20)), left: left + int(rng.integers(8, 20))] = cls
+    mask = truth.copy()
+    edges = np.zeros_like(truth, dtype=bool)
+    edges[1:, :] |= truth[1:, :] != truth[:-1, :]
+    edges[:, 1:] |= truth[:, 1:] != truth[:, :-1]
+    mask[edges | (rng.random(truth.shape) < 0.03)] = 255  # the ignore band and scattered unsure pixels
+    rgb = (rng.random((height, width, 3)) * 60 + truth[..., None] * 50).astype(np.uint8)
+    buffer = io.BytesIO()
+    fmt = "PNG" if index % 2 == 0 else "JPEG"
+    Image.fromarray(rgb).save(buffer, format=fmt)
+    ignore_fraction, pixels = mask_stats(mask, len(CLASS_NAMES))
+    labels = sorted(int(v) for v in np.unique(mask) if v not in (0, 255))
+    row = {"image_id": image_id, "split": split,
+           "image": {"bytes": buffer.getvalue(), "path": f"{image_id}.{'png' if fmt == 'PNG' else 'jpg'}"},
+           "mask": {"bytes": encode_mask(mask, voc_palette()), "path": f"{image_id}.png"},
+           "labels": labels, "tag_source": "given" if index % 3 else "predicted", "height": height, "width": width,
+           "ignore_fraction": ignore_fraction, "confidence": float(rng.uniform(0.5, 1.0)), "pixels": pixels}
+    return row, truth
+
+
+def write_inputs(root: Path, rows_per_shard: int = 3, seed: int = 0) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    pseudo, manifest, metrics = root / "pseudo_labels", root / "manifest", root / "metrics" / "pseudo_labels.json"
+    schema = pseudo_label_schema(CLASS_NAMES, voc_palette(), PRODUCER, methods=["par", "crf"])
+    shards = ShardSet(pseudo)
+    number = 0
+    for split, count in SPLITS.items():
+        for shard, start in enumerate(range(0, count, rows_per_shard)):
+            rows, confusion = [], ConfusionMatrix(len(CLASS_NAMES))
+            for _ in range(start, min(count, start + rows_per_shard)):
+                row, truth = synthetic_row(rng, f"img_{number:03d}", split, number)
+                confusion.update(truth, np.asarray(Image.open(io.BytesIO(row["mask"]["bytes"]))))
+                rows.append(row)
+                number += 1
+            shards.write(f"{split}-{shard:05d}.parquet", pa.Table.from_pylist(rows, schema=schema),
+                         fingerprint="synthetic", split=split, gt_images=len(rows),
+                         confusion=confusion.matrix.tolist())
+    atomic_write_json(manifest / "classes.json", {"class_names": CLASS_NAMES, "palette": [list(c) for c in
+                      voc_palette()], "ignore_index": 255, "source": "shapes"})
+    atomic_write_json(metrics, pseudo_label_metrics(pseudo, CLASS_NAMES, ["train"], ["par", "crf"]))
+    return {"pseudo": pseudo, "manifest": manifest, "metrics": metrics}
+
+
+def export_params(**overrides) -> Params:
+    """Small shards and row groups, so that output shards and row groups cross the source shards' boundaries."""
+    return Params(export=ExportParams(**{"rows_per_shard": 4, "row_group_size": 2, **overrides}))
