@@ -30,7 +30,8 @@ class Renormalise(nn.Module):
     def __init__(self, module: nn.Module, mean_out, std_out, mean_in=IMAGENET_MEAN, std_in=IMAGENET_STD,
                  frozen: bool = False):
         super().__init__()
-        self.module = module
+        # channels_last: oneDNN's depthwise and 1x1 convolutions run ~1.5x faster on CPU in NHWC (bench/RESULTS.md)
+        self.module = module.to(memory_format=torch.channels_last)
         self.frozen = frozen
         if frozen:
             module.requires_grad_(False)
@@ -45,10 +46,11 @@ class Renormalise(nn.Module):
         return super().train(mode and not self.frozen)
 
     def forward(self, x: torch.Tensor):
+        x = (x * self.scale + self.shift).contiguous(memory_format=torch.channels_last)
         if self.frozen:
             with torch.no_grad():  # no graph through the CNN: its backward is most of a CPU step
-                return self.module(x * self.scale + self.shift)
-        return self.module(x * self.scale + self.shift)
+                return self.module(x)
+        return self.module(x)
 
 
 def match_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -46,6 +46,7 @@ from shards.io import ShardSet, atomic_write_json, sha256_file
 from shards.manifest import manifest_files, read_classes
 from shards.params import to_dict
 from stages import runtime as rt
+from stages import shard_dask
 from stages.cam_eval import SWEEP
 from stages.classifier_model import load_classifier
 from stages.data import decode_rgb, resize_long, to_tensor
@@ -80,24 +81,48 @@ class _SlotCams:
 
     Gathering the P present classes at the token grid keeps every upsampled map (2B, P, H, W) instead of
     (2B, K, H, W): on COCO, ~3 planes instead of 80. ``multiscale_cam`` feeds [images, flipped images].
+    ``first`` holds the full-K token-grid maps of the scale-1 pass that already gave the class scores, so that
+    pass is not run twice (the shape of its input identifies it).
     """
 
-    def __init__(self, model: torch.nn.Module, class_index: torch.Tensor):
-        self.model, self.index = model, class_index  # (B, P) class index 0..K-1 per slot
+    def __init__(self, model: torch.nn.Module, class_index: torch.Tensor,
+                 first: tuple[torch.Size, tuple[torch.Tensor, ...]] | None = None):
+        self.model, self.index, self.first = model, class_index, first  # index: (B, P) class 0..K-1 per slot
 
     def cams(self, x: torch.Tensor, heads: tuple[str, ...], relu: bool = False) -> tuple[torch.Tensor, ...]:
-        maps = self.model.cams(x, heads, relu=relu)
+        if self.first is not None and x.shape == self.first[0]:
+            maps = self.first[1]
+        else:
+            maps = self.model.cams(x, heads, relu=relu)
         index = torch.cat([self.index, self.index])  # (2B, P)
         return tuple(m.gather(1, index[:, :, None, None].expand(-1, -1, *m.shape[-2:])) for m in maps)
 
 
-def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Sigmoid scores (B, K): the classifier's global max pooling over the image's tokens only, not padding."""
-    tokens = model.encode(images)["tokens"].float()  # (B, C, h, w)
+def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor, heads: tuple[str, ...] = (),
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Sigmoid scores (B, K) from the classifier's global max pooling over the image's tokens only, not padding.
+
+    With ``heads`` the pass runs on [images, flipped images], which is scale 1 of the multi-scale CAM, and also
+    returns those raw full-K CAMs per head, each (2B, K, h, w), for ``_SlotCams`` to reuse.
+    """
+    B = images.shape[0]
+    enc = model.encode(torch.cat([images, images.flip(-1)]) if heads else images)
+    tokens = enc["tokens"][:B].float()  # (B, C, h, w)
     inside = valid_at_tokens(valid, tokens.shape[-2:])  # (B, h, w)
     inside |= ~inside.flatten(1).any(dim=1)[:, None, None]  # an image smaller than a token: use every token
     pooled = tokens.masked_fill(~inside[:, None], float("-inf")).amax(dim=(-2, -1))  # (B, C)
-    return (pooled @ model.classifier.weight.flatten(1).float().T).sigmoid()  # (B, K)
+    scores = (pooled @ model.classifier.weight.flatten(1).float().T).sigmoid()  # (B, K)
+    maps = {"final": enc["tokens"], "aux": enc["aux_tokens"]}
+    return scores, tuple(F.conv2d(maps[head], model._cam_head(head).weight) for head in heads)
+
+
+def predict_view(images: torch.Tensor, valid: torch.Tensor, p: DumpCamsParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded batch at ``predict_size`` (sides kept multiples of ``pad_multiple``) and its valid mask."""
+    scale = p.predict_size / p.image_size
+    size = [max(p.pad_multiple, round(s * scale / p.pad_multiple) * p.pad_multiple) for s in images.shape[-2:]]
+    small = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    small_valid = F.interpolate(valid[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0] > 0.5
+    return small, small_valid  # (B, 3, h, w), (B, h, w)
 
 
 def choose_classes(tags: list[int] | None, scores: np.ndarray, threshold: float) -> tuple[list[int], str]:
@@ -125,8 +150,16 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
         valid[b, :h, :w] = True
         sizes.append((h, w))
     images, valid = images.to(env.device), valid.to(env.device)
+    heads = ("final", "aux") if p.aux else ("final",)
+    # Tags are predicted at predict_size, the classifier's own scale (train_classifier.eval_size); when it is the
+    # CAM size, that pass doubles as scale 1 of the multi-scale CAM.
+    reuse = 1.0 in p.scales and p.predict_size in (0, p.image_size)
     with env.autocast(p.bf16):
-        scores = class_scores(model, images, valid).cpu().numpy()  # (B, K)
+        if reuse:
+            scores, first = class_scores(model, images, valid, heads)
+        else:
+            scores, first = class_scores(model, *predict_view(images, valid, p))
+    scores = scores.cpu().numpy()  # (B, K)
     chosen = [choose_classes(row["tags"], scores[b], p.predict_threshold) for b, row in enumerate(rows)]
     slots = max(1, max(len(c) for c, _ in chosen))
     class_index = torch.zeros(len(rows), slots, dtype=torch.long)
@@ -134,9 +167,9 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     for b, (classes, _) in enumerate(chosen):
         class_index[b, : len(classes)] = torch.tensor(classes, dtype=torch.long) - 1
         slot_valid[b, : len(classes)] = 1.0
-    heads = ("final", "aux") if p.aux else ("final",)
+    cached = (torch.Size((2 * len(rows), *images.shape[1:])), first) if reuse else None
     with env.autocast(p.bf16):
-        maps = multiscale_cam(_SlotCams(model, class_index.to(env.device)), images, p.scales, head=heads,
+        maps = multiscale_cam(_SlotCams(model, class_index.to(env.device), cached), images, p.scales, head=heads,
                               labels=slot_valid.to(env.device), valid=valid)  # each (B, P, Hp, Wp)
     out = []
     long_side = p.cam_size or p.image_size
@@ -228,6 +261,7 @@ def run(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, metrics
     total = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
     computed, skipped, images, busy = [], [], 0, 0.0
     bar = tqdm(total=total, desc="dump_cams", unit="img", disable=not progress)
+    pending = []  # (manifest shard, its sha256, fingerprint) of the shards to compute
     for path in paths:
         sha = manifest_index.get(path.name, {}).get("sha256") or sha256_file(path)
         key = fingerprint(shard_params, code=code, extra={"model": model_fp, "manifest": sha,
@@ -236,13 +270,19 @@ def run(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, metrics
             skipped.append(path.name)
             bar.update(shards.index()[path.name]["rows"])
             continue
-        tick = time.perf_counter()
-        rows = dump_shard(model, path, p, env, bar)
+        pending.append((path, sha, key))
+    tick = time.perf_counter()
+    on_dask = len(pending) > 1 and shard_dask.use_dask(params.runtime)  # same rows; this stage writes the shards
+    results = (shard_dask.dump_cams_on_dask([path for path, _, _ in pending], classifier_dir, p, params.runtime)
+               if on_dask else ((i, dump_shard(model, path, p, env, bar)) for i, (path, _, _) in enumerate(pending)))
+    for i, rows in results:
+        path, sha, key = pending[i]
         shards.write(path.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=key,
                      split=path.name.rsplit("-", 1)[0], manifest_sha256=sha)
-        busy += time.perf_counter() - tick
+        bar.update(len(rows) if on_dask else 0)
         images += len(rows)
         computed.append(path.name)
+    busy = time.perf_counter() - tick
     bar.close()
     removed = shards.prune([path.name for path in paths])
     log.info("dump_cams: %d images in %d shards computed (%d shards reused) in %.1f s: %.1f images/s on %s",

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.collections import OrchestrationConfig
 from shards.params import ParamsError, load, param
 from shards.shapes import ShapesConfig
 
@@ -25,6 +26,7 @@ class RuntimeConfig:
     num_threads: int = param(0, lo=0, help="torch CPU threads; 0 = torch's default")
     num_workers: int = param(2, lo=1, help="processes for shard-parallel work (decode, CRF)")
     dask_address: str = param("", help="Dask scheduler address; empty = no Dask")
+    executor: str = param("pool", choices=("pool", "dask"), help="shard-parallel engine: process pool | Dask")
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class ClassifierParams:
     low_threshold: float = param(0.25, lo=0.0, hi=1.0)
     cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="train-time CAM scales")
     eval_cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="CAM scales for metrics")
-    eval_size: int = param(256, lo=16, help="long side of val images for metrics (as dump_cams.image_size)")
+    eval_size: int = param(256, lo=16, help="long side of val images for metrics (as dump_cams.predict_size)")
     eval_every: int = param(200, lo=1, help="CAM mIoU on eval_images val images every N steps")
     eval_images: int = param(64, lo=1)
     log_every: int = param(10, lo=1)
@@ -124,16 +126,17 @@ REFINE_METHODS = ("par", "crf", "random_walk")
 class DumpCamsParams:
     """``dump_cams``: multi-scale + flip CAMs of every manifest row, fp16, present classes only (METHODS.md §1)."""
 
-    splits: tuple[str, ...] = param(("train", "val"), help="manifest splits to dump")
-    scales: tuple[float, ...] = param((1.0, 0.5, 1.5), lo=0.1, hi=4.0, help="CAM scales (each with its flip)")
-    image_size: int = param(256, lo=16, hi=4096, help="network input long side; ~the images' size")
+    splits: tuple[str, ...] = param(("train",), help="manifest splits to dump")
+    scales: tuple[float, ...] = param((1.0, 0.5), lo=0.1, hi=4.0, help="CAM scales (each with its flip)")
+    image_size: int = param(384, lo=16, hi=4096, help="network input long side of scale 1")
     pad_multiple: int = param(32, lo=1, hi=4096, help="pad the resized image bottom/right to a multiple of this")
-    cam_size: int = param(128, lo=0, hi=4096, help="long side of the stored CAMs; 0 = image_size")
+    cam_size: int = param(192, lo=0, hi=4096, help="long side of the stored CAMs; 0 = image_size")
     batch_size: int = param(16, lo=1, help="images per network batch")
     aux: bool = param(False, help="also store the auxiliary head's CAMs")
     predict_threshold: float = param(0.5, lo=0.0, hi=1.0, help="untagged rows: classes with sigmoid > this")
+    predict_size: int = param(256, lo=0, hi=4096, help="long side for tag scores; 0 = image_size")
     bkg_threshold: float = param(0.5, lo=0.0, hi=1.0, help="metrics: plain-rule background threshold")
-    eval_split: str = param("val", help="split whose ground truth gives metrics/cams.json")
+    eval_split: str = param("train", help="split whose ground truth gives metrics/cams.json")
     bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
 
     def validate(self) -> None:
@@ -141,6 +144,8 @@ class DumpCamsParams:
             raise ValueError(f"splits: need distinct split names, got {list(self.splits)}")
         if not self.scales:
             raise ValueError("scales: at least one scale is needed")
+        if self.eval_split not in self.splits:
+            raise ValueError(f"eval_split: {self.eval_split!r} is not one of splits {list(self.splits)}")
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,7 @@ class RefineParams:
     methods: tuple[str, ...] = param(("par", "crf"), choices=REFINE_METHODS, help="refiners, in order")
     ignore_band: bool = param(True, help="two runs (background at high, low) with a 255 band; false: one at bkg")
     high: float = param(0.7, lo=0.0, hi=1.0, help="background plane of the 'high' run (COCO: 0.65)")
-    low: float = param(0.25, lo=0.0, hi=1.0, help="background plane of the 'low' run")
+    low: float = param(0.5, lo=0.0, hi=1.0, help="background plane of the 'low' run")
     bkg: float = param(0.5, lo=0.0, hi=1.0, help="background plane when ignore_band is false (COCO: 0.45)")
     max_side: int = param(512, lo=16, hi=8192, help="cap on the working resolution's long side")
     batch_size: int = param(8, lo=1, help="images per PAR batch")
@@ -179,7 +184,7 @@ class RefineParams:
 class ExportParams:
     """``export``: the pseudo-label shards as a dataset package others download (shards/package.py)."""
 
-    splits: tuple[str, ...] = param(("train", "val"), help="pseudo-label splits to package")
+    splits: tuple[str, ...] = param(("train",), help="pseudo-label splits to package")
     rows_per_shard: int = param(1000, lo=1, hi=1_000_000, help="images per Parquet shard of the package")
     row_group_size: int = param(100, lo=1, hi=100_000, help="rows per row group: what a reader loads at once")
     voc: bool = param(True, help="also write a VOC-style folder (JPEGImages/, SegmentationClass/, ImageSets/)")
@@ -218,13 +223,13 @@ class SegmenterParams:
     freeze_bn: bool = param(False, help="backbone BatchNorm in eval mode, affine fixed")
     crop_size: int = param(160, lo=16, help="training crop side (px)")
     base_size: int = param(0, lo=0, help="resize the long side to this before augmenting; 0 = keep")
-    scale_range: tuple[float, float] = param((0.5, 1.5), lo=0.05, hi=8.0, help="random rescale range")
+    scale_range: tuple[float, float] = param((0.75, 1.25), lo=0.05, hi=8.0, help="random rescale range")
     jitter: float = param(0.0, lo=0.0, hi=1.0, help="colour jitter strength")
     batch_size: int = param(8, lo=1, help="crops per step per process")
     grad_accum: int = param(1, lo=1, help="micro-batches per optimizer step")
-    iterations: int = param(300, lo=1, help="optimizer steps")
-    optimizer: str = param("sgd", choices=("sgd", "adamw"), help="sgd (DeepLab) | adamw")
-    lr: float = param(0.01, lo=0.0, help="backbone learning rate")
+    iterations: int = param(200, lo=1, help="optimizer steps")
+    optimizer: str = param("adamw", choices=("sgd", "adamw"), help="sgd (DeepLab) | adamw")
+    lr: float = param(1e-3, lo=0.0, help="backbone learning rate")
     head_lr_mult: float = param(10.0, lo=0.0, help="heads use lr * head_lr_mult")
     momentum: float = param(0.9, lo=0.0, hi=1.0, help="SGD momentum")
     weight_decay: float = param(1e-4, lo=0.0)
@@ -246,13 +251,13 @@ class SegmenterParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    """``evaluate``: the segmenter on ground truth, single scale and multi-scale + flip, with and without CRF."""
+    """``evaluate``: the segmenter on ground truth: single scale, multi-scale + flip, and that + dense CRF."""
 
     split: str = param("val", help="manifest split with ground truth")
     size: int = param(0, lo=0, help="long side of the network input; 0 = the image's own size")
     scales: tuple[float, ...] = param((0.75, 1.0, 1.25), lo=0.1, hi=4.0, help="multi-scale factors")
     flip: bool = param(True, help="add the horizontal flip of every scale")
-    crf: bool = param(True, help="also score the CRF-refined predictions")
+    crf: bool = param(True, help="also score the multi-scale + flip prediction refined by the dense CRF")
     crf_iterations: int = param(10, lo=1, hi=100, help="dense CRF mean-field iterations")
     crf_gauss_sxy: float = param(1.0, lo=0.01, hi=1000, help="CRF Gaussian kernel spatial std (px)")
     crf_gauss_compat: float = param(1.0, lo=0.0, hi=100, help="CRF Gaussian kernel weight")
@@ -279,6 +284,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     train_segmenter: SegmenterParams = field(default_factory=SegmenterParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

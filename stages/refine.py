@@ -45,6 +45,7 @@ from shards.manifest import read_classes
 from shards.metrics import ConfusionMatrix
 from shards.params import to_dict
 from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
+from stages import shard_dask
 from stages.data import decode_rgb, resize_long
 from stages.overlays import write_overlays
 from stages.params import RefineParams, load_params_or_exit
@@ -112,8 +113,13 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_tasks(tasks: list[ShardTask], workers: int, threads: int, bar: tqdm) -> None:
-    """Shard tasks in-process (1 worker) or in a pool; ``threads`` torch threads per worker (0 = cores / workers)."""
+def run_tasks(tasks: list[ShardTask], workers: int, threads: int, bar: tqdm, runtime=None) -> None:
+    """Shard tasks in-process (1 worker), in a pool, or on Dask (``runtime``: stages/shard_dask.py); ``threads``
+    torch threads per worker (0 = cores / workers)."""
+    if runtime is not None and len(tasks) > 1 and shard_dask.use_dask(runtime):
+        for _, entry in shard_dask.map_shards("stages.refine:refine_shard", tasks, runtime):
+            bar.update(entry["rows"])
+        return
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             bar.update(refine_shard(task)["rows"])
@@ -160,7 +166,7 @@ def run(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path:
     images = sum(cam_index[t.name]["rows"] for t in tasks)
     bar = tqdm(total=images, desc="refine", unit="img", disable=not progress)
     started = time.perf_counter()
-    run_tasks(tasks, params.runtime.num_workers, params.runtime.num_threads, bar)
+    run_tasks(tasks, params.runtime.num_workers, params.runtime.num_threads, bar, params.runtime)
     seconds = time.perf_counter() - started
     bar.close()
     removed = shards.prune(cam_index)

@@ -9,12 +9,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "shards", "models", "stages", "pipeline"]
+PROJECT_FILES.append("collections.yaml")  # dvc.yaml reads it (vars): the relabel@<collection> stages
 
 # A tiny preset of every stage: the whole DAG on CPU in well under a minute.
 TINY = {
     "shapes": {"num_train": 24, "num_val": 8, "min_side": 64, "max_side": 96},
     "prepare": {"rows_per_shard": 16},
-    "dump_cams": {"image_size": 64, "cam_size": 32},
+    "dump_cams": {"image_size": 64, "cam_size": 32, "predict_size": 64},
     "train_classifier": {
         "stem": "", "patch_size": 8,
         "embed_dim": 32, "depth": 4, "num_heads": 2, "crop_size": 48, "base_size": 64, "batch_size": 4,
@@ -23,6 +24,13 @@ TINY = {
         "proj_hidden_dim": 32, "proj_bottleneck_dim": 16, "proj_out_dim": 32, "eval_size": 64,
         "eval_cam_scales": [1.0],
     },
+    # a 0.3M-parameter backbone with random weights: a training step takes a few hundredths of a second
+    "train_segmenter": {
+        "backbone": "mobilenetv3_small_050", "pretrained": "none", "aspp_channels": 16, "decoder_channels": 16,
+        "low_level_channels": 8, "crop_size": 48, "batch_size": 4, "iterations": 4, "eval_every": 2,
+        "eval_images": 2, "checkpoint_every": 2, "log_every": 1,
+    },
+    "evaluate": {"scales": [1.0, 0.75], "overlays": 2, "confusion_rows": 100},
 }
 
 
@@ -71,3 +79,18 @@ def run(cmd, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
 @pytest.fixture
 def project(tmp_path):
     return make_project(tmp_path / "project", tiny_params())
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect test server for the session (tests/pipeline): temporary PREFECT_HOME, no telemetry.
+
+    Test modules import prefect inside their tests, after this fixture has set the environment it reads.
+    """
+    os.environ.update(PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-home")), DO_NOT_TRACK="1",
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    os.environ.pop("PREFECT_API_URL", None)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -78,4 +78,4 @@ def write_inputs(root: Path, rows_per_shard: int = 3, seed: int = 0) -> dict[str
 
 def export_params(**overrides) -> Params:
     """Small shards and row groups, so that output shards and row groups cross the source shards' boundaries."""
-    return Params(export=ExportParams(**{"rows_per_shard": 4, "row_group_size": 2, **overrides}))
+    return Params(export=ExportParams(**{"splits": ("train", "val"), "rows_per_shard": 4, "row_group_size": 2, **overrides}))

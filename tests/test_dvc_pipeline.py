@@ -4,6 +4,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from conftest import run
 
@@ -34,3 +35,29 @@ def test_changing_a_prepare_param_reruns_prepare_and_what_follows_only(project):
     out = run(["dvc", "exp", "run", "-S", "prepare.rows_per_shard=8"], project)
     assert "Running stage 'shapes'" not in out.stdout
     assert "Running stage 'prepare'" in out.stdout
+
+
+def test_dvc_repro_through_evaluate_then_a_refine_change_reruns_only_what_follows(project):
+    out = run(["dvc", "repro"], project)
+    for stage in ("refine", "train_segmenter", "evaluate"):
+        assert f"Running stage '{stage}'" in out.stdout, out.stdout[-2000:]
+    segmenter = json.loads((project / "metrics/segmenter.json").read_text())
+    assert {"miou", "miou_ms_flip_crf", "miou_ms_flip", "per_class"} <= set(segmenter)
+    assert segmenter["images"] == 8 and 0.0 <= segmenter["miou_ms_flip_crf"] <= 100.0
+    assert (project / "data/segmenter/model.safetensors").exists()
+    assert (project / "dvclive/train_segmenter/plots/metrics/val/miou.tsv").exists()
+    assert len(list((project / "metrics/segmenter_overlays").glob("*.png"))) == 2
+    assert (project / "metrics/segmenter_confusion.csv").read_text().startswith("actual,predicted\n")
+    assert "miou_ms_flip_crf" in run(["dvc", "metrics", "show", "--json"], project).stdout
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
+    assert "metrics/segmenter_confusion.csv" in plots and "dvclive/train_segmenter/plots/metrics/train/loss.tsv" in plots
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["refine"]["ignore_band"] = False  # other masks for certain: no 255 band
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert "refine" in changed and not {"shapes", "prepare", "train_classifier", "dump_cams"} & set(changed)
+    again = run(["dvc", "repro"], project).stdout
+    ran = {line.split("'")[1] for line in again.splitlines() if line.startswith("Running stage")}
+    assert {"refine", "train_segmenter", "evaluate"} <= ran, again[-2000:]
+    assert not {"shapes", "prepare", "train_classifier", "dump_cams"} & ran, again[-2000:]

@@ -48,8 +48,11 @@ def build_inputs(root: Path) -> tuple[Path, Path]:
     return manifest, root / "classifier"
 
 
+BASE = {"splits": ("train", "val"), "eval_split": "val", "image_size": 128, "cam_size": 64, "predict_size": 96}
+
+
 def make_params(**kw) -> Params:
-    return Params(runtime=RuntimeConfig(num_threads=1), dump_cams=DumpCamsParams(**kw))
+    return Params(runtime=RuntimeConfig(num_threads=1), dump_cams=DumpCamsParams(**{**BASE, **kw}))
 
 
 def shard_hashes(folder: Path) -> dict[str, str]:
@@ -85,7 +88,7 @@ def test_one_fp16_shard_per_manifest_shard_with_present_classes(dumped):
             cam = decode_cams(row)
             assert len(row["cams"]) == cam.size * 2  # fp16 bytes, present classes only
             assert cam.shape == (len(row["classes"]), row["cam_height"], row["cam_width"])
-            assert max(row["cam_height"], row["cam_width"]) == DumpCamsParams().cam_size and row["aux_cams"] is None
+            assert max(row["cam_height"], row["cam_width"]) == BASE["cam_size"] and row["aux_cams"] is None
             assert (row["height"], row["width"]) == (gt["height"], gt["width"])
             assert ((0.0 <= cam) & (cam <= 1.0)).all() and len(row["scores"]) == len(row["classes"])
             if gt["tags"] is not None:
@@ -161,7 +164,7 @@ def test_changed_param_invalidates_all_and_prune_drops_splits(dumped, tmp_path):
     # a metrics-only key does not touch the shards
     same = dump_cams.run(make_params(bkg_threshold=0.4), manifest, classifier, out, progress=False)
     assert same["computed"] == []
-    changed = dump_cams.run(make_params(scales=(1.0,), splits=("train",)), manifest, classifier, out,
+    changed = dump_cams.run(make_params(scales=(1.0,), splits=("train",), eval_split="train"), manifest, classifier, out,
                             progress=False)
     assert sorted(changed["computed"]) == ["train-00000.parquet", "train-00001.parquet"]
     assert changed["removed"] == ["val-00000.parquet"] and not (out / "val-00000.parquet").exists()
@@ -186,3 +189,22 @@ def test_aux_head_cams_are_stored_when_asked(dumped, tmp_path):
                   progress=False)
     for row in all_rows(tmp_path):
         assert decode_cams(row, "aux_cams").shape == decode_cams(row).shape
+
+
+def test_tag_scores_at_image_size_reuse_the_first_cam_pass_without_changing_cams(dumped, tmp_path):
+    """predict_size == image_size shares scale 1's encoder pass; the CAMs must not depend on that shortcut."""
+    _, manifest, classifier, _ = dumped
+    shared = dump_cams.run(make_params(predict_size=0), manifest, classifier, tmp_path / "a", progress=False)
+    separate = dump_cams.run(make_params(predict_size=128, scales=(0.5, 1.0)), manifest, classifier, tmp_path / "b",
+                             progress=False)
+    assert shared["images"] == separate["images"] == 12
+    for a, b in zip(all_rows(tmp_path / "a"), all_rows(tmp_path / "b")):
+        assert a["classes"] == b["classes"] and a["tag_source"] == b["tag_source"]
+        torch.testing.assert_close(torch.from_numpy(decode_cams(a)), torch.from_numpy(decode_cams(b)),
+                                   atol=2e-3, rtol=0)
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+
+
+def test_eval_split_outside_splits_is_refused():
+    with pytest.raises(ValueError, match="eval_split"):
+        DumpCamsParams(splits=("train",), eval_split="val").validate()

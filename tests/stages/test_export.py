@@ -128,7 +128,7 @@ def test_torchvision_example_trains_on_the_package(package):
 def test_dvc_get_from_a_clone_with_its_remote_returns_a_package_that_verifies(inputs, tmp_path):
     from conftest import make_project, run, tiny_params
 
-    project = make_project(tmp_path / "project", tiny_params({"export": {"rows_per_shard": 4, "row_group_size": 2}}))
+    project = make_project(tmp_path / "project", tiny_params({"export": {"splits": ["train", "val"], "rows_per_shard": 4, "row_group_size": 2}}))
     shutil.copytree(inputs["pseudo"], project / "data" / "pseudo_labels")
     shutil.copytree(inputs["manifest"], project / "data" / "manifest")
     (project / "metrics").mkdir(exist_ok=True)

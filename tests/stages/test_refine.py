@@ -36,7 +36,8 @@ def rows_of(folder: Path) -> list[dict]:
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("refine")
     manifest, classifier = build_inputs(root)
-    run_params = Params(runtime=RuntimeConfig(num_threads=1), dump_cams=DumpCamsParams())
+    run_params = Params(runtime=RuntimeConfig(num_threads=1), dump_cams=DumpCamsParams(
+        splits=("train", "val"), eval_split="val", image_size=128, cam_size=64, predict_size=96))
     dump_cams.run(run_params, manifest, classifier, root / "cams", progress=False)
     result = refine.run(make_params(), root / "cams", manifest, root / "pseudo", root / "metrics.json",
                         root / "overlays", progress=False)
@@ -75,7 +76,8 @@ def test_empty_chain_is_the_ignore_middle_rule(inputs, tmp_path):
                             mode="bilinear", align_corners=False)[0]  # (P, H, W)
         value, slot = cam.max(dim=0)
         label = np.asarray(cam_row["classes"])[slot.numpy()]
-        expected = np.where(value > 0.7, label, np.where(value > 0.25, 255, 0))
+        p = RefineParams()
+        expected = np.where(value > p.high, label, np.where(value > p.low, 255, 0))
         np.testing.assert_array_equal(read_mask(row), expected)
 
 
@@ -94,7 +96,7 @@ def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_th
     rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     cams = rng.random((2, 12, 16), dtype=np.float32)
     full = F.interpolate(torch.from_numpy(cams)[None], size=(24, 32), mode="bilinear", align_corners=False)
-    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("par",)), torch.device("cpu"))
+    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("par",), high=0.7, low=0.25), torch.device("cpu"))
     labels = torch.zeros(1, 5)
     labels[0, [1, 4]] = 1  # classes 2 and 5 of K = 5
     cams_k = torch.zeros(1, 5, 24, 32)
@@ -102,7 +104,7 @@ def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_th
     images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
     expected = online_pseudo_labels(cams_k, labels, images, ThresholdConfig(), ParConfig())[0]
     np.testing.assert_array_equal(mask, expected.numpy())
-    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("crf",)), torch.device("cpu"))
+    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("crf",), high=0.7, low=0.25), torch.device("cpu"))
     expected = crf_two_thresholds(rgb, full[0].numpy(), [2, 5], CrfConfig())
     assert (mask == expected).mean() > 0.99  # numpy vs torch softmax: equal up to float rounding
 

@@ -1,0 +1,140 @@
+"""Ablation table of the seed and refinement methods, on the dataset that ``params.yaml`` points at.
+
+    python bench/ablation.py --out /tmp/ablation            # about 35 min on a 2-core CPU for the embedded default
+    python bench/ablation.py --out /tmp/ablation --only toco  # one classifier variant
+    python bench/ablation.py --out /tmp/ablation --from-dvc   # ToCo's classifier and CAMs from `dvc repro`
+
+For each classifier variant (ToCo as in ``params.yaml``; the plain ViT-CAM baseline: no auxiliary head, no PTC,
+no CTC, no segmentation head) the script trains the classifier, dumps its CAMs, and refines them with each method
+chain, running the stages' own command lines with a params file per run (``params.yaml`` + overrides), so each row
+is what ``dvc exp run -S ...`` with the same overrides gives. A step whose metrics file exists is not rerun: a
+killed run continues. Prints a Markdown table (CAM mIoU on ``dump_cams.eval_split``, pseudo-label mIoU / coverage /
+precision / recall on ``refine.eval_splits``, seconds per stage) and writes it to ``<out>/ablation.md``.
+The manifest must exist (``dvc repro prepare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VARIANTS: dict[str, dict] = {
+    "toco": {},
+    "vit_cam": {"use_aux": False, "use_ptc": False, "use_ctc": False, "use_seg": False},
+}
+CHAINS: dict[str, list[list[str]]] = {
+    "toco": [[], ["par"], ["crf"], ["par", "crf"]],
+    "vit_cam": [[], ["par", "crf"]],
+}
+
+
+def write_params(path: Path, classifier: dict, refine: dict | None = None) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train_classifier"].update(classifier)
+    params["refine"].update(refine or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def step(args: list[str], done: Path, log: Path) -> float | None:
+    """Run ``python -m <args>`` unless ``done`` exists; seconds taken (None when skipped)."""
+    if done.exists():
+        return None
+    start = time.perf_counter()
+    with log.open("w") as out:
+        result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:1])} failed (exit {result.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def reuse_dvc_outputs(work: Path) -> None:
+    """The ToCo variant is the DAG's own classifier and CAMs (``dvc repro dump_cams`` with params.yaml)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for target, source in (("classifier", "data/classifier"), ("cams", "data/cams"),
+                           ("classifier.json", "metrics/classifier.json"), ("cams.json", "metrics/cams.json")):
+        if not (ROOT / source).exists():
+            raise SystemExit(f"--from-dvc: {source} is missing; run `dvc repro dump_cams` first")
+        if not (work / target).exists():
+            (work / target).symlink_to(ROOT / source)
+
+
+def run_variant(name: str, out: Path, manifest: Path, times: dict, from_dvc: bool = False) -> list[dict]:
+    work = out / name
+    if from_dvc and name == "toco":
+        reuse_dvc_outputs(work)
+    params = write_params(work / "params.yaml", VARIANTS[name])
+    t = step(["stages.train_classifier", "--params", str(params), "--manifest", str(manifest), "--out",
+              str(work / "classifier"), "--checkpoints", str(work / "checkpoints"), "--metrics",
+              str(work / "classifier.json"), "--live", str(work / "dvclive")], work / "classifier.json",
+             work / "train_classifier.log")
+    times.setdefault(name, {})["train_classifier"] = t
+    t = step(["stages.dump_cams", "--params", str(params), "--manifest", str(manifest), "--classifier",
+              str(work / "classifier"), "--out", str(work / "cams"), "--metrics", str(work / "cams.json")],
+             work / "cams.json", work / "dump_cams.log")
+    times[name]["dump_cams"] = t
+    classifier = json.loads((work / "classifier.json").read_text())
+    cams = json.loads((work / "cams.json").read_text())
+    rows = []
+    for chain in CHAINS[name]:
+        tag = "+".join(chain) or "cam"
+        run_dir = work / f"refine_{tag}"
+        run_params = write_params(run_dir / "params.yaml", VARIANTS[name], {"methods": chain, "overlays": 0})
+        t = step(["stages.refine", "--params", str(run_params), "--cams", str(work / "cams"), "--manifest",
+                  str(manifest), "--out", str(run_dir / "pseudo_labels"), "--metrics",
+                  str(run_dir / "pseudo_labels.json"), "--overlays", str(run_dir / "overlays")],
+                 run_dir / "pseudo_labels.json", run_dir / "refine.log")
+        times[name][f"refine {tag}"] = t
+        pseudo = json.loads((run_dir / "pseudo_labels.json").read_text())
+        rows.append({"classifier": name, "methods": "[" + ", ".join(chain) + "]", "f1": classifier.get("f1"),
+                     "cam_miou": cams.get("miou"), "cam_best": cams.get("best_miou"),
+                     "cam_best_threshold": cams.get("best_threshold"), "miou": pseudo.get("miou"),
+                     "coverage": pseudo.get("coverage"), "precision": pseudo.get("precision"),
+                     "recall": pseudo.get("recall")})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| classifier | refine.methods | val F1 | CAM mIoU at bkg (best at t), dump_cams.eval_split | pseudo-label "
+             "mIoU | coverage | precision | recall |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['classifier']} | `{r['methods']}` | {r['f1']} | {r['cam_miou']} ({r['cam_best']} @ "
+                     f"{r['cam_best_threshold']}) | {r['miou']} | {r['coverage']} | {r['precision']} | "
+                     f"{r['recall']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="work folder (kept: reruns skip finished steps)")
+    parser.add_argument("--manifest", type=Path, default=ROOT / "data" / "manifest")
+    parser.add_argument("--only", choices=sorted(VARIANTS), action="append", help="variants to run (default all)")
+    parser.add_argument("--from-dvc", action="store_true",
+                        help="take the ToCo classifier and CAMs from the DAG's outputs (dvc status must be clean)")
+    args = parser.parse_args()
+    if not (args.manifest / "classes.json").exists():
+        raise SystemExit(f"{args.manifest}: no manifest; run `dvc repro prepare` first")
+    times: dict = {}
+    rows = []
+    for name in args.only or list(VARIANTS):
+        rows += run_variant(name, args.out.resolve(), args.manifest.resolve(), times, args.from_dvc)
+    text = table(rows)
+    seconds = "\n".join(f"- {name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in stages.items() if v is not None)
+                        for name, stages in times.items())
+    report = f"{text}\n\nSeconds per stage (this run; skipped steps not listed):\n{seconds}\n"
+    (args.out / "ablation.md").write_text(report)
+    (args.out / "ablation.json").write_text(json.dumps(rows, indent=1))
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""``python -m pipeline <command>``: register collections, run the flows, serve the deployments.
+
+    python -m pipeline register <folder or fsspec URL> [--name NAME]   a new collection (relabel@NAME in dvc.yaml)
+    python -m pipeline collections                                     registered collections and their versions
+    python -m pipeline serve                                           the deployments, on a running Prefect server
+    python -m pipeline produce [STAGE ...]                             the training DAG as a flow run
+    python -m pipeline relabel NAME                                    one collection as a flow run
+    python -m pipeline inbox                                           one relabel-inbox flow run, now
+
+Run from the repository root (``--root`` otherwise). ``serve`` needs ``prefect server start --host 127.0.0.1``
+in another terminal; the other flow commands use that server when PREFECT_API_URL is set, else a temporary one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from shards.collections import OrchestrationConfig, read_collections, read_current
+from shards.params import ParamsError, load_section
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=".", help="repository root (default: the current folder)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    reg = commands.add_parser("register", help="register a folder of images as a collection")
+    reg.add_argument("path", help="a folder, or any fsspec URL of one (s3://..., memory://...)")
+    reg.add_argument("--name", help="collection name (default: from the folder name)")
+    commands.add_parser("collections", help="list the registered collections and their current versions")
+    commands.add_parser("serve", help="serve the deployments (needs a running Prefect server)")
+    prod = commands.add_parser("produce", help="run the training DAG as a flow")
+    prod.add_argument("stages", nargs="*", help="stages to run (default: all, in dependency order)")
+    one = commands.add_parser("relabel", help="relabel one collection as a flow")
+    one.add_argument("name")
+    commands.add_parser("inbox", help="run relabel-inbox once, now")
+    args = parser.parse_args(argv)
+
+    root = Path(args.root).resolve()
+    try:
+        cfg = load_section(OrchestrationConfig, root / "params.yaml", "orchestration")
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "register":
+        from pipeline.collections import register
+
+        try:
+            register(root, args.path, args.name, cfg.inbox)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "collections":
+        for name in read_collections(root):
+            current = read_current(root / cfg.collections_dir, name) or {}
+            summary = current.get("summary") or {}
+            print(json.dumps({"collection": name, "version": current.get("version"), "images": summary.get("images"),
+                              "predicted": summary.get("predicted"), "rejects": summary.get("rejects")}))
+        return 0
+    if args.command == "serve":
+        os.environ.setdefault("PREFECT_API_URL", cfg.api_url)  # before prefect is imported: its settings read it
+        from pipeline.serve import check_server, serve
+
+        check_server(os.environ["PREFECT_API_URL"])
+        print(f"serving against {os.environ['PREFECT_API_URL']}; the UI is at "
+              f"{os.environ['PREFECT_API_URL'].removesuffix('/api')}", flush=True)
+        serve(root, cfg)
+        return 0
+    from pipeline import flows
+
+    if args.command == "produce":
+        flows.produce(str(root), args.stages or None)
+    elif args.command == "relabel":
+        flows.relabel(args.name, str(root))
+    else:
+        flows.relabel_inbox(str(root))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

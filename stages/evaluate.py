@@ -1,0 +1,232 @@
+"""DVC stage ``evaluate``: the trained segmenter on ground truth (METHODS.md §4).
+
+Consumes ``data/segmenter`` (``train_segmenter``) and the manifest rows of ``evaluate.split`` that carry a ground-truth
+mask. Scores three predictions of every image against it, each from one dataset-level confusion matrix
+(shards/metrics.py): single scale; multi-scale + flip (softmax averaged over ``evaluate.scales`` and their horizontal
+flips); multi-scale + flip + dense CRF (the segmenter-evaluation kernels of METHODS.md §2). Produces
+``metrics/segmenter.json`` {miou (single scale), miou_ms_flip, miou_ms_flip_crf, per_class (single scale),
+per_class_ms_flip_crf, ...} with mIoU in percent, a confusion file for ``dvc plots``
+(rows of actual,predicted class names whose counts are the pixel confusion matrix of the best variant, quantised to
+``confusion_rows`` rows) and overlay PNGs (image | single scale | multi-scale + flip + CRF | ground truth).
+
+Chunks of images go to a process pool of ``runtime.num_workers`` (one in-process loop when it is 1); each worker
+holds the network and runs the CRFs (single-threaded C++, ~0.1 s per image at 9 labels) of its images. The CRF refines
+the multi-scale prediction only: on the single-scale one too it would double the cost. Confusion counts are integer
+sums, so the result does not depend on the pool size (at equal torch threads per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from shards.io import atomic_write_bytes, atomic_write_json
+from shards.manifest import manifest_files
+from shards.metrics import ConfusionMatrix
+from shards.sampling import RowIndex
+from stages import runtime as rt
+from stages.crf import CrfConfig, crf_refine_probs
+from stages.overlays import GAP, colorize
+from stages.params import EvaluateParams, load_params_or_exit
+from stages.segmenter_data import GroundTruthImages, rows_with_masks
+from stages.segmenter_model import load_segmenter, predict_views
+
+log = logging.getLogger("evaluate")
+VARIANTS = ("single", "ms_flip", "ms_flip_crf")
+CHUNK = 10  # images per task of a worker
+
+
+def crf_config(p: EvaluateParams) -> CrfConfig:
+    return CrfConfig(iterations=p.crf_iterations, gauss_sxy=p.crf_gauss_sxy, gauss_compat=p.crf_gauss_compat,
+                     bilateral_sxy=p.crf_bilateral_sxy, bilateral_srgb=p.crf_bilateral_srgb,
+                     bilateral_compat=p.crf_bilateral_compat)
+
+
+def confusion_rows(matrix: np.ndarray, class_names: list[str], rows: int) -> str:
+    """CSV ``actual,predicted``: each (gt, pred) cell repeated in proportion to its pixel count (``rows`` in all).
+
+    DVC's confusion templates count rows; one row per pixel would be millions. Cells with pixels get at least one row.
+    """
+    square = matrix[:, : len(class_names)]
+    total = max(int(square.sum()), 1)
+    lines = ["actual,predicted"]
+    for gt, pred in zip(*np.nonzero(square)):
+        lines += [f"{class_names[gt]},{class_names[pred]}"] * max(1, round(square[gt, pred] * rows / total))
+    return "\n".join(lines) + "\n"
+
+
+def overlay(rgb: np.ndarray, masks: list[np.ndarray], palette, long_side: int = 256) -> np.ndarray:
+    """The image and ``masks`` (palette colours) side by side, each scaled so its long side is ``long_side``."""
+    height, width = rgb.shape[:2]
+    scale = long_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    panels = [Image.fromarray(rgb).resize(size, Image.BILINEAR)]
+    panels += [Image.fromarray(colorize(m, palette)).resize(size, Image.NEAREST) for m in masks]
+    canvas = np.full((size[1], len(panels) * (size[0] + GAP) - GAP, 3), 255, np.uint8)
+    for i, panel in enumerate(panels):
+        canvas[:, i * (size[0] + GAP): i * (size[0] + GAP) + size[0]] = np.asarray(panel)
+    return canvas
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Some manifest rows to score; ``shown`` (a subset of ``rows``) come back with their predictions."""
+
+    files: tuple[str, ...]
+    rows: tuple[int, ...]
+    shown: tuple[int, ...]
+    params: EvaluateParams
+    num_classes: int
+
+
+_WORKER: dict[str, Any] = {}  # the model of a pool worker, loaded once by its initializer
+
+
+def _init_worker(segmenter_dir: str, device: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["device"] = torch.device(device)
+    _WORKER["model"] = load_segmenter(segmenter_dir, _WORKER["device"])[0]
+
+
+def evaluate_chunk(task: ChunkTask, model: torch.nn.Module | None = None,
+                   device: torch.device | None = None) -> dict[str, Any]:
+    """Confusion matrices of the three variants over the chunk's images, and the shown images' predictions."""
+    model, device = model or _WORKER["model"], device or _WORKER["device"]
+    p, crf = task.params, crf_config(task.params)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and p.bf16 else None
+    images = GroundTruthImages(RowIndex(task.files), task.rows)
+    matrices = {v: ConfusionMatrix(task.num_classes) for v in (VARIANTS if p.crf else VARIANTS[:2])}
+    panels = []
+    for i, row in enumerate(task.rows):
+        item = images[i]
+        rgb, gt = np.ascontiguousarray(item["rgb"]), item["gt"]
+        ms, single = predict_views(model, rgb, size=p.size, scales=p.scales, flip=p.flip, device=device,
+                                   autocast=autocast)  # (K+1, H, W) each
+        labels = {"single": single.argmax(0).numpy().astype(np.uint8),
+                  "ms_flip": ms.argmax(0).numpy().astype(np.uint8)}
+        if p.crf:  # on the multi-scale prediction only: ~0.1 s per image at 9 labels, as much as the network
+            labels["ms_flip_crf"] = crf_refine_probs(rgb, ms.numpy(), crf).argmax(axis=0).astype(np.uint8)
+        for variant, label in labels.items():
+            matrices[variant].update(gt, label)
+        if row in task.shown:
+            panels.append({"image_id": item["image_id"], "rgb": rgb, "gt": gt, **labels})
+    return {"matrices": {v: m.matrix for v, m in matrices.items()}, "panels": panels}
+
+
+def run(params, segmenter_dir: Path, manifest_dir: Path, metrics_path: Path | None = None,
+        confusion_path: Path | None = None, overlays_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    p: EvaluateParams = params.evaluate
+    env = rt.setup_runtime(params.runtime.device, params.runtime.num_threads)
+    workers = params.runtime.num_workers
+    model = None
+    if workers > 1:  # every worker loads its own copy; here only the class names and palette are needed
+        config = json.loads((Path(segmenter_dir) / "config.json").read_text())
+    else:
+        model, config = load_segmenter(segmenter_dir, env.device)
+    class_names, palette = list(config["class_names"]), config["palette"]
+    files = manifest_files(manifest_dir, p.split)
+    rows = rows_with_masks(files)
+    if not rows:
+        raise ValueError(f"{manifest_dir}: no {p.split!r} rows with a ground-truth mask to evaluate on")
+    shown = tuple(rows[i] for i in sorted(set(np.linspace(0, len(rows) - 1, min(p.overlays, len(rows)))
+                                              .round().astype(int).tolist()))) if p.overlays else ()
+    tasks = [ChunkTask(tuple(map(str, files)), tuple(rows[i: i + CHUNK]), shown, p, len(class_names))
+             for i in range(0, len(rows), CHUNK)]
+    matrices = {v: ConfusionMatrix(len(class_names)) for v in (VARIANTS if p.crf else VARIANTS[:2])}
+    panels: list[dict[str, Any]] = []  # in row order: tasks are merged in order
+    started = time.perf_counter()
+    bar = tqdm(total=len(rows), desc="evaluate", unit="img", disable=not progress)
+    if workers > 1:
+        # One process per core, each with the network and its CRFs: torch's intra-op threads scale poorly on
+        # these small images, and a CRF is single-threaded C++ (forkserver: forking a torch process is unsafe).
+        threads = params.runtime.num_threads or max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["stages.evaluate"])
+        with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                    initargs=(str(segmenter_dir), str(env.device), threads)) as pool:
+            results = pool.map(evaluate_chunk, tasks)
+            for task, result in zip(tasks, results):
+                _merge(matrices, panels, result)
+                bar.update(len(task.rows))
+    else:
+        for task in tasks:
+            _merge(matrices, panels, evaluate_chunk(task, model, env.device))
+            bar.update(len(task.rows))
+    bar.close()
+    seconds = time.perf_counter() - started
+    log.info("evaluate: %d images in %.1f s (%.2f images/s; scales %s, flip %s, crf %s, %d process(es))", len(rows),
+             seconds, len(rows) / max(seconds, 1e-9), list(p.scales), p.flip, p.crf, workers)
+
+    summaries = {v: m.summary(class_names) for v, m in matrices.items()}
+    result: dict[str, Any] = {
+        "miou": summaries["single"]["miou"],
+        "miou_ms_flip": summaries["ms_flip"]["miou"],
+        "miou_ms_flip_crf": summaries["ms_flip_crf"]["miou"] if p.crf else None,
+        "per_class": summaries["single"]["per_class"],
+        "per_class_ms_flip_crf": summaries["ms_flip_crf"]["per_class"] if p.crf else None,
+        "accuracy": round(100 * float(np.trace(matrices["single"].matrix)) / max(matrices["single"].matrix.sum(), 1),
+                          2),
+        "images": len(rows), "split": p.split, "size": p.size, "scales": list(p.scales), "flip": p.flip,
+    }
+    if metrics_path is not None:
+        atomic_write_json(metrics_path, result)
+    if confusion_path is not None:
+        best = matrices["ms_flip_crf" if p.crf else "ms_flip"].matrix
+        atomic_write_bytes(confusion_path, confusion_rows(best, class_names, p.confusion_rows).encode())
+    if overlays_dir is not None:
+        write_overlays(panels, Path(overlays_dir), palette, p.crf)
+    return result
+
+
+def _merge(matrices: dict[str, ConfusionMatrix], panels: list, result: dict[str, Any]) -> None:
+    for variant, matrix in result["matrices"].items():
+        matrices[variant].matrix += matrix
+    panels.extend(result["panels"])
+
+
+def write_overlays(panels: list[dict[str, Any]], out_dir: Path, palette, crf: bool) -> None:
+    """``<image_id>.png``: image | single scale | MS + flip (+ CRF) | ground truth; replaces the PNGs there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    for panel in panels:
+        best = panel["ms_flip_crf"] if crf else panel["ms_flip"]
+        image = overlay(panel["rgb"], [panel["single"], best, panel["gt"]], palette)
+        Image.fromarray(image).save(out_dir / f"{panel['image_id']}.png", optimize=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--segmenter", default="data/segmenter")
+    parser.add_argument("--manifest", default="data/manifest")
+    parser.add_argument("--metrics", default="metrics/segmenter.json")
+    parser.add_argument("--confusion", default="metrics/segmenter_confusion.csv")
+    parser.add_argument("--overlays", default="metrics/segmenter_overlays")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params_or_exit(args.params)
+    started = time.perf_counter()
+    result = run(params, Path(args.segmenter), Path(args.manifest), Path(args.metrics), Path(args.confusion),
+                 Path(args.overlays))
+    log.info("evaluate done in %.1f s: %s", time.perf_counter() - started,
+             json.dumps({k: result[k] for k in ("miou", "miou_ms_flip", "miou_ms_flip_crf")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

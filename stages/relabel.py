@@ -1,0 +1,190 @@
+"""DVC stage ``relabel@<collection>``: a new image collection -> a versioned pseudo-label dataset.
+
+Consumes a collection folder (``data/inbox/<name>/``: images, an optional ``tags.csv`` ``image,tags``, optional
+``masks/`` ground truth) and the current classifier (``data/classifier``). Runs, into one version folder, the
+stages the training DAG runs on its own data (their ``run`` functions, unchanged): ``prepare`` (source ``folder``,
+the classifier's class list, one split ``train``), ``dump_cams`` (untagged images get the classes the classifier
+predicts, ``tag_source: predicted``, with scores) and ``refine`` (METHODS.md §2). Produces::
+
+    data/collections/<name>/
+        <classifier fp>-<params fp>/      one version per classifier and labelling params, never overwritten
+            manifest/  cams/  pseudo_labels/   shard sets (pseudo_labels: Parquet + palette-PNG masks, HF-loadable)
+            overlays/*.png                 image | CAM | pseudo mask | ground truth
+            tags.csv                       the tags used, given or predicted (the folder reader's format)
+            summary.json                   counts, rejects, per-class figures, timings, classifier and params
+            metrics.json                   pseudo-label metrics (mIoU only where the collection has masks/)
+        current.json                       the version the last run produced
+
+Resumable as its three parts are (per shard); a new classifier or new params start a new version folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, classifier_fingerprint, version_name
+from shards.fingerprint import hash_params
+from shards.io import atomic_write_bytes, atomic_write_json
+from shards.params import to_dict
+from shards.records import DataError
+from stages import dump_cams, prepare, refine
+from stages.params import Params, load_params_or_exit
+
+log = logging.getLogger("relabel")
+SPLIT = "train"  # a collection is one split: pseudo labels are for training
+
+
+def collection_params(params: Params, images_dir: Path, classes_file: Path) -> Params:
+    """The training DAG's params, pointed at one collection folder."""
+    tags = images_dir / "tags.csv"
+    return dataclasses.replace(
+        params,
+        prepare=dataclasses.replace(params.prepare, source="folder", root=str(images_dir), classes=str(classes_file),
+                                    splits=(SPLIT,), tags_from="auto", tags_file=str(tags) if tags.is_file() else ""),
+        dump_cams=dataclasses.replace(params.dump_cams, splits=(SPLIT,), eval_split=SPLIT),
+        refine=dataclasses.replace(params.refine, eval_splits=(SPLIT,)),
+    )
+
+
+def labelling_fingerprint(params: Params) -> str:
+    """What decides a version's bytes besides the classifier and the images (speed-only params are left out)."""
+    decisive = {
+        "prepare": {k: to_dict(getattr(params.prepare, k)) for k in ("max_pixels", "min_side", "rows_per_shard")},
+        "dump_cams": {k: v for k, v in to_dict(params.dump_cams).items()
+                      if k not in (*dump_cams.REPORT_ONLY, "splits")},
+        "refine": {k: v for k, v in to_dict(params.refine).items() if k not in refine.REPORT_ONLY},
+    }
+    return hash_params(decisive)[:32]
+
+
+def summarize(work: Path, class_names: list[str]) -> dict[str, Any]:
+    """Counts, rejects and per-class figures, read from the shards' small columns (never a mask)."""
+    rows = [row for path in sorted((work / "pseudo_labels").glob("*.parquet"))
+            for row in pq.read_table(path, columns=["image_id", "labels", "tag_source", "confidence",
+                                                    "ignore_fraction", "pixels"]).to_pylist()]
+    scores = {row["image_id"]: dict(zip(row["classes"], row["scores"]))
+              for path in sorted((work / "cams").glob("*.parquet"))
+              for row in pq.read_table(path, columns=["image_id", "classes", "scores"]).to_pylist()}
+    rejects = pq.read_table(work / "manifest" / "rejects.parquet").to_pylist()
+    per_class = []
+    for k, name in enumerate(class_names):
+        having = [r for r in rows if k in r["labels"]] if k else rows
+        per_class.append({
+            "class": name, "images": len(having),
+            "predicted": sum(r["tag_source"] == "predicted" for r in having) if k else 0,
+            "pixels": sum(r["pixels"][k] for r in rows),
+            "mean_confidence": round(sum(r["confidence"] for r in having) / len(having), 4) if having else None,
+        })
+    total_pixels = max(1, sum(sum(r["pixels"]) for r in rows))
+    for entry in per_class:
+        entry["pixel_share"] = round(entry["pixels"] / total_pixels, 4)
+    images = [{"image_id": r["image_id"], "tags": [class_names[k] for k in r["labels"]], "tag_source": r["tag_source"],
+               "scores": [_rounded(scores.get(r["image_id"], {}).get(k)) for k in r["labels"]],
+               "confidence": round(r["confidence"], 4), "ignore_fraction": round(r["ignore_fraction"], 4)}
+              for r in rows]
+    return {
+        "images": len(rows), "rejects": len(rejects),
+        "predicted": sum(r["tag_source"] == "predicted" for r in rows),
+        "given": sum(r["tag_source"] != "predicted" for r in rows),
+        "reject_rows": [{k: r[k] for k in ("image_id", "path", "reason")} for r in rejects],
+        "per_class": per_class, "per_image": images,
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def write_tags_csv(path: Path, per_image: list[dict[str, Any]]) -> None:
+    """The tags behind the pseudo labels, in the folder reader's ``image,tags`` format (plus source and scores)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "tags", "tag_source", "scores"])
+    for row in per_image:
+        writer.writerow([row["image_id"], " ".join(row["tags"]), row["tag_source"],
+                         " ".join("" if s is None else f"{s:.4f}" for s in row["scores"])])
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_dir: Path,
+        progress: bool = True) -> dict[str, Any]:
+    """Relabel one collection into ``out_dir/<version>/``; returns its summary."""
+    started = time.perf_counter()
+    check_name(name)
+    images_dir, classifier_dir, out_dir = Path(images_dir), Path(classifier_dir), Path(out_dir)
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: collection folder does not exist")
+    config = json.loads((classifier_dir / "config.json").read_text())
+    classifier = classifier_fingerprint(classifier_dir)
+    labelling = labelling_fingerprint(params)
+    version = version_name(classifier, labelling)
+    work = out_dir / version
+    classes_file = work / "classes.txt"
+    atomic_write_bytes(classes_file, ("\n".join(config["class_names"]) + "\n").encode())
+    cfg = collection_params(params, images_dir, classes_file)
+    log.info("relabel %s: version %s (classifier %s, params %s)", name, version, classifier[:12], labelling[:12])
+
+    timings = {}
+    tick = time.perf_counter()
+    prepared = prepare.run(cfg.prepare, work / "manifest", progress=progress)
+    timings["prepare"] = round(time.perf_counter() - tick, 2)
+    tick = time.perf_counter()
+    cams = dump_cams.run(cfg, work / "manifest", classifier_dir, work / "cams", None, progress=progress)
+    timings["dump_cams"] = round(time.perf_counter() - tick, 2)
+    tick = time.perf_counter()
+    refined = refine.run(cfg, work / "cams", work / "manifest", work / "pseudo_labels", work / "metrics.json",
+                         work / "overlays", progress=progress)
+    timings["refine"] = round(time.perf_counter() - tick, 2)
+
+    summary = {
+        "collection": name, "version": version, "classifier": classifier, "params_fingerprint": labelling,
+        "source": str(images_dir), "inputs": prepared["inputs"],
+        **summarize(work, list(config["class_names"])),
+        "computed_shards": {"dump_cams": len(cams["computed"]), "refine": len(refined["computed"])},
+        "metrics": {k: refined["metrics"].get(k) for k in ("miou", "coverage", "gt_images", "mean_ignore_fraction",
+                                                           "mean_confidence")},
+        "overlays": sorted(p.name for p in (work / "overlays").glob("*.png")),
+        "params": {"dump_cams": to_dict(cfg.dump_cams), "refine": to_dict(cfg.refine),
+                   "prepare": {k: to_dict(getattr(cfg.prepare, k)) for k in ("max_pixels", "min_side")}},
+        "timings": {**timings, "total": round(time.perf_counter() - started, 2)},
+    }
+    write_tags_csv(work / "tags.csv", summary["per_image"])
+    atomic_write_json(work / SUMMARY_FILE, summary)
+    atomic_write_json(out_dir / CURRENT_FILE, {"version": version, "classifier": classifier,
+                                               "params_fingerprint": labelling})
+    log.info("relabel %s: %d images (%d predicted tags), %d rejected, in %.1f s -> %s", name, summary["images"],
+             summary["predicted"], summary["rejects"], summary["timings"]["total"], work)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--name", required=True, help="collection name (collections.yaml)")
+    parser.add_argument("--images", required=True, help="the collection's folder")
+    parser.add_argument("--classifier", default="data/classifier")
+    parser.add_argument("--out", required=True, help="data/collections/<name>")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params_or_exit(args.params)
+    try:
+        run(params, args.name, Path(args.images), Path(args.classifier), Path(args.out))
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""DVC stage ``train_segmenter``: DeepLab (models/deeplab.py) trained on the pseudo labels of ``refine``.
+
+Consumes the ``train`` pseudo-label shards of ``data/pseudo_labels`` (image + palette mask, 255 = ignore), streamed
+from Parquet in a block-shuffled order (shards/sampling.py), and optionally the manifest's val ground truth for a
+periodic single-scale mIoU curve. Produces ``model.safetensors`` + ``config.json`` (the final weights, a DVC out) and
+dvclive curves (loss, lr, images/s, val mIoU). The last step of the WSSS protocol (DESIGN.md §1).
+
+The loop is written out as in ``train_classifier``: SGD (DeepLab) or AdamW with a 10x head learning rate, optional
+linear warm-up then poly decay, cross-entropy over non-ignored pixels (plus an auxiliary head's), paired
+scale/crop/flip augmentation, bf16 autocast on CUDA, ``torchrun`` DDP. Every ``checkpoint_every`` steps an atomic
+checkpoint goes to ``<ckpt_dir>/<fingerprint>/last.pt`` (a ``persist: true`` folder); a killed run, started
+again, resumes from it and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.deeplab import DeepLab, param_groups
+from shards.fingerprint import code_version, fingerprint
+from shards.io import read_metadata
+from shards.manifest import manifest_files
+from shards.metrics import ConfusionMatrix
+from shards.params import to_dict
+from shards.sampling import RowIndex
+from stages import runtime as rt
+from stages.checkpoint import checkpoint_path, load_checkpoint, prune_other_runs, save_checkpoint, save_weights
+from stages.params import SegmenterParams, load_params_or_exit
+from stages.segmenter_data import (IGNORE_INDEX, GroundTruthImages, PairAugmentConfig, PseudoLabelCrops,
+                                   rows_with_masks)
+from stages.segmenter_model import config_to_json, deeplab_config, predict_probs
+from stages.train_classifier import batches, lr_factor
+
+log = logging.getLogger("train_segmenter")
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean CE over pixels whose target is not 255; 0 (not NaN) when a batch has none."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def make_optimizer(model: DeepLab, p: SegmenterParams) -> torch.optim.Optimizer:
+    backbone, heads = param_groups(model)
+    groups = [{"params": backbone, "lr": p.lr}, {"params": heads, "lr": p.lr * p.head_lr_mult}]
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    return torch.optim.AdamW(groups, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
+
+
+def val_miou(model: torch.nn.Module, images: GroundTruthImages, num_classes: int, device, autocast) -> float:
+    """Single-scale mIoU (percent) on ``images``; the model is left in training mode."""
+    model.eval()
+    confusion = ConfusionMatrix(num_classes)
+    for i in range(len(images)):
+        item = images[i]
+        probs = predict_probs(model, item["rgb"], device=device, autocast=autocast)  # (K+1, H, W)
+        confusion.update(item["gt"], probs.argmax(0).numpy())
+    model.train()
+    return round(100 * confusion.miou(), 2)
+
+
+def val_images(manifest_dir: Path | None, limit: int) -> GroundTruthImages | None:
+    files = manifest_files(manifest_dir, "val") if manifest_dir is not None else []
+    rows = rows_with_masks(files)[:limit]
+    return GroundTruthImages(RowIndex(files), rows) if rows else None
+
+
+def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: Path | None = None,
+        live_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    p: SegmenterParams = params.train_segmenter
+    env = rt.setup_runtime(params.runtime.device, params.runtime.num_threads)
+    torch.manual_seed(params.runtime.seed)
+    files = manifest_files(pseudo_dir, "train")
+    if not files:
+        raise FileNotFoundError(f"{pseudo_dir}: no train-*.parquet pseudo-label shards; run refine first")
+    meta = read_metadata(files[0])
+    class_names, palette = meta["class_names"], meta["palette"]
+    index = RowIndex(files)
+    ignored = np.concatenate([pq.read_table(f, columns=["ignore_fraction"]).column(0).to_numpy() for f in files])
+    rows = np.flatnonzero(ignored < 1.0)  # a mask that is all 255 teaches nothing
+    if len(rows) == 0:
+        raise ValueError(f"{pseudo_dir}: every training pseudo mask is entirely ignored")
+    crops = PseudoLabelCrops(index, PairAugmentConfig(p.crop_size, p.base_size, p.scale_range, p.jitter),
+                             params.runtime.seed)
+    evals = val_images(manifest_dir, p.eval_images) if env.is_main and p.eval_every > 0 else None
+
+    model = DeepLab(deeplab_config(p, len(class_names))).to(env.device)
+    optimizer = make_optimizer(model, p)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p))
+    key = fingerprint(to_dict(p), code=code_version(("models", "stages", "shards")), inputs=[pseudo_dir],
+                      extra=[params.runtime.seed, env.world_size])
+    ckpt = checkpoint_path(ckpt_dir, key)
+    step = 0
+    state = load_checkpoint(ckpt)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        log.info("resuming from %s at step %d", ckpt, step)
+    elif env.is_main:
+        prune_other_runs(ckpt_dir, key)
+    first_step = step
+    synced = env.distributed and env.device.type == "cuda"
+    if synced:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
+    wrapped = DistributedDataParallel(model) if env.distributed else model
+
+    live = None
+    if env.is_main and live_dir is not None:
+        from dvclive import Live
+        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=step > 0)
+    stream = batches(rows, index, seed=params.runtime.seed, batch=p.batch_size, start=step * p.grad_accum,
+                     rank=env.rank, world=env.world_size)
+    # Its own generator: creating the loader must not draw from the global RNG (resume equality).
+    loader = DataLoader(crops, batch_sampler=stream, num_workers=p.num_workers,
+                        generator=torch.Generator().manual_seed(0), persistent_workers=p.num_workers > 0)
+    data = iter(loader)
+    bar = tqdm(total=p.iterations, initial=step, desc="train_segmenter", unit="step",
+               disable=not (progress and env.is_main))
+    seen, tick, started = 0, time.perf_counter(), time.perf_counter()
+    model.train()
+    while step < p.iterations:
+        for micro in range(p.grad_accum):
+            batch = next(data)
+            images, target = batch["image"].to(env.device), batch["mask"].to(env.device)  # (B, 3, S, S), (B, S, S)
+            last = micro == p.grad_accum - 1
+            with contextlib.nullcontext() if (last or not env.distributed) else wrapped.no_sync():
+                with env.autocast(p.bf16):
+                    out = wrapped(images)
+                loss = masked_cross_entropy(out["out"], target)
+                if "aux" in out:
+                    loss = loss + p.aux_weight * masked_cross_entropy(out["aux"], target)
+                (loss / p.grad_accum).backward()
+            seen += images.shape[0] * env.world_size
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % p.log_every == 0 and live is not None:
+            elapsed = time.perf_counter() - tick
+            live.log_metric("train/loss", float(loss.detach()))
+            live.log_metric("train/lr", scheduler.get_last_lr()[0])
+            live.log_metric("train/images_per_s", seen / max(elapsed, 1e-9))
+            live.next_step()
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ips=f"{seen / max(elapsed, 1e-9):.0f}")
+            seen, tick = 0, time.perf_counter()
+        if p.eval_every and step % p.eval_every == 0 and evals is not None:
+            miou = val_miou(model, evals, len(class_names), env.device, env.autocast(p.bf16))
+            bar.write(f"step {step}: val mIoU {miou:.2f} ({len(evals)} images, single scale)")
+            if live is not None:
+                live.log_metric("val/miou", miou)
+        if step % p.checkpoint_every == 0 and step < p.iterations:
+            if env.is_main:
+                save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                                       "step": step})
+            rt.barrier(env)
+    bar.close()
+    seconds = time.perf_counter() - started
+    result: dict[str, Any] = {"iterations": p.iterations, "train_images": int(len(rows)), "fingerprint": key}
+    if env.is_main:
+        if synced:
+            model = _plain_batchnorm(model)
+        save_weights(model, out_dir, {**config_to_json(model.cfg, class_names, palette), "fingerprint": key,
+                                      "params": to_dict(p)})
+        if live is not None:
+            live.end()
+        crops_done = (p.iterations - first_step) * p.batch_size * p.grad_accum * env.world_size
+        log.info("train_segmenter: %d steps in %.1f s (%.1f crops/s)", p.iterations - first_step, seconds,
+                 crops_done / max(seconds, 1e-9))
+    rt.barrier(env)
+    rt.teardown(env)
+    return result
+
+
+def _plain_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """SyncBatchNorm layers back to BatchNorm2d, so the saved weights load anywhere (same state keys)."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.SyncBatchNorm):
+            plain = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                         child.track_running_stats).to(child.weight.device)
+            plain.load_state_dict(child.state_dict())
+            setattr(model, name, plain)
+        else:
+            _plain_batchnorm(child)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--pseudo-labels", default="data/pseudo_labels")
+    parser.add_argument("--manifest", default="data/manifest", help="val ground truth for the periodic mIoU; ''")
+    parser.add_argument("--out", default="data/segmenter")
+    parser.add_argument("--checkpoints", default="checkpoints/segmenter")
+    parser.add_argument("--live", default="dvclive/train_segmenter")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params_or_exit(args.params)
+    started = time.perf_counter()
+    result = run(params, Path(args.pseudo_labels), Path(args.out), Path(args.checkpoints),
+                 Path(args.manifest) if args.manifest else None, Path(args.live) if args.live else None)
+    log.info("train_segmenter done in %.1f s: %s", time.perf_counter() - started, json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

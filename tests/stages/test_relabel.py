@@ -1,0 +1,78 @@
+"""relabel on a tiny collection (untagged images, two tagged in tags.csv, one broken file) and a tiny random ToCo."""
+
+import dataclasses
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("pydensecrf.densecrf")
+
+from shards.collections import read_current  # noqa: E402
+from shards.fingerprint import hash_inputs  # noqa: E402
+from shards.params import build  # noqa: E402
+from stages import relabel  # noqa: E402
+from stages.params import Params  # noqa: E402
+from tests.collection_inputs import TINY_RELABEL, make_classifier, make_collection  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def relabelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("relabel")
+    ids = make_collection(root / "inbox" / "holiday", 6)
+    (root / "inbox" / "holiday" / "tags.csv").write_text(f"image,tags\n{ids[0]},disc\n{ids[1]},square star\n")
+    classifier = make_classifier(root / "classifier")
+    params = build(Params, TINY_RELABEL)
+    summary = relabel.run(params, "holiday", root / "inbox" / "holiday", classifier, root / "out" / "holiday",
+                          progress=False)
+    return root, params, ids, summary
+
+
+def test_predicted_tags_are_recorded_and_the_broken_image_is_rejected(relabelled):
+    root, _, ids, summary = relabelled
+    version = root / "out" / "holiday" / summary["version"]
+    assert summary["inputs"] == 7 and summary["images"] == 6 and summary["rejects"] == 1
+    assert summary["reject_rows"][0]["image_id"] == "broken" and summary["reject_rows"][0]["reason"]
+    assert summary["predicted"] == 4 and summary["given"] == 2
+    rows = {r["image_id"]: r for path in sorted((version / "pseudo_labels").glob("*.parquet"))
+            for r in pq.read_table(path).to_pylist()}
+    assert sorted(rows) == sorted(ids)
+    assert rows[ids[0]]["tag_source"] == "given" and rows[ids[0]]["labels"] == [1]  # disc
+    assert rows[ids[1]]["tag_source"] == "given" and rows[ids[1]]["labels"] == [2, 4]  # square, star
+    for image_id in ids[2:]:
+        assert rows[image_id]["tag_source"] == "predicted" and rows[image_id]["labels"]  # at least the top-1 class
+    per_image = {r["image_id"]: r for r in summary["per_image"]}
+    assert all(s is not None and 0.0 <= s <= 1.0 for r in per_image.values() for s in r["scores"])
+    tags_csv = (version / "tags.csv").read_text().splitlines()
+    assert tags_csv[0] == "image,tags,tag_source,scores" and len(tags_csv) == 7
+    assert [c["class"] for c in summary["per_class"]][:2] == ["background", "disc"]
+    assert sum(c["images"] for c in summary["per_class"][1:]) == sum(len(r["labels"]) for r in rows.values())
+    assert len(list((version / "overlays").glob("*.png"))) == 2
+    current = read_current(root / "out", "holiday")
+    assert current["version"] == summary["version"] and current["summary"]["images"] == 6
+    assert summary["version"] == f"{summary['classifier'][:12]}-{summary['params_fingerprint'][:12]}"
+
+
+def test_rerun_reuses_every_shard_and_new_params_make_a_new_version(relabelled):
+    root, params, _, summary = relabelled
+    out = root / "out" / "holiday"
+    before = hash_inputs([out / summary["version"] / "pseudo_labels"])
+    again = relabel.run(params, "holiday", root / "inbox" / "holiday", root / "classifier", out, progress=False)
+    assert again["version"] == summary["version"] and again["computed_shards"] == {"dump_cams": 0, "refine": 0}
+    # speed-only and report-only params do not make a new version
+    faster = dataclasses.replace(params, runtime=dataclasses.replace(params.runtime, num_workers=2),
+                                 refine=dataclasses.replace(params.refine, overlays=1))
+    assert relabel.labelling_fingerprint(faster) == relabel.labelling_fingerprint(params)
+
+    changed = dataclasses.replace(params, refine=dataclasses.replace(params.refine, crf_bilateral_srgb=5.0))
+    other = relabel.run(changed, "holiday", root / "inbox" / "holiday", root / "classifier", out, progress=False)
+    assert other["version"] != summary["version"] and other["classifier"] == summary["classifier"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([summary["version"], other["version"]])
+    assert hash_inputs([out / summary["version"] / "pseudo_labels"]) == before  # the old version is untouched
+    assert json.loads((out / "current.json").read_text())["version"] == other["version"]
+
+
+def test_a_bad_collection_name_is_refused(relabelled, tmp_path):
+    root, params, _, _ = relabelled
+    with pytest.raises(ValueError, match="collection name"):
+        relabel.run(params, "Bad Name", root / "inbox" / "holiday", root / "classifier", tmp_path, progress=False)
