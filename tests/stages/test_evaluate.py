@@ -91,7 +91,7 @@ def test_hand_checked_miou_of_an_oracle(manifest, tmp_path, monkeypatch):
     assert len(overlays) == 2 and all(name.endswith(("a.png", "b.png")) for name in overlays)
 
 
-def test_a_trained_network_through_main_with_a_crf_pool(manifest, tmp_path):
+def test_a_trained_network_scores_the_same_in_one_process_and_in_a_pool(manifest, tmp_path):
     p = SegmenterParams(backbone="mobilenetv3_small_050", pretrained="none", aspp_channels=16, decoder_channels=16,
                         low_level_channels=8)
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_a_trained_network_through_main_with_a_crf_pool(manifest, tmp_path):
                         evaluate=EvaluateParams(scales=(0.75, 1.0, 1.5), overlays=1))
         results.append(evaluate.run(params, tmp_path / "segmenter", manifest, tmp_path / f"m{workers}.json",
                                     tmp_path / f"c{workers}.csv", tmp_path / f"o{workers}", progress=False))
-    assert results[0] == results[1]  # CRFs in a pool or inline: the same integer confusion counts
+    assert results[0] == results[1]  # in-process or 2 workers (1 thread each): the same integer confusion counts
     assert {"miou", "miou_ms_flip_crf", "per_class", "miou_ms_flip", "per_class_ms_flip_crf"} <= set(results[0])
     assert all(0.0 <= results[0][k] <= 100.0 for k in ("miou", "miou_ms_flip", "miou_ms_flip_crf"))
     assert len(list((tmp_path / "o2").glob("*.png"))) == 1
