@@ -10,16 +10,15 @@ Final weights are written as safetensors, with the model config as JSON beside t
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from shards.io import atomic_path
 
 
 def checkpoint_path(folder: str | Path, fingerprint: str) -> Path:
@@ -27,18 +26,8 @@ def checkpoint_path(folder: str | Path, fingerprint: str) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -63,14 +52,10 @@ def save_weights(model: torch.nn.Module, folder: str | Path, config: dict[str, A
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    save_file(state, tmp)
-    os.replace(tmp, folder / "model.safetensors")
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as handle:
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, tmp)
+    with atomic_path(folder / "config.json") as tmp, open(tmp, "w") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
-    os.replace(tmp, folder / "config.json")
 
 
 def load_weights(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
