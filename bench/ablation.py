@@ -1,16 +1,18 @@
 """Ablation table of the seed and refinement methods, on the dataset that ``params.yaml`` points at.
 
-    python bench/ablation.py --out /tmp/ablation            # about 35 min on a 2-core CPU for the embedded default
-    python bench/ablation.py --out /tmp/ablation --only toco  # one classifier variant
+    python bench/ablation.py --out /tmp/ablation            # about 80 min on a 2-core CPU for the embedded default
+    python bench/ablation.py --out /tmp/ablation --only afa   # one classifier variant (repeat --only for more)
     python bench/ablation.py --out /tmp/ablation --from-dvc   # ToCo's classifier and CAMs from `dvc repro`
 
-For each classifier variant (ToCo as in ``params.yaml``; the plain ViT-CAM baseline: no auxiliary head, no PTC,
-no CTC, no segmentation head) the script trains the classifier, dumps its CAMs, and refines them with each method
-chain, running the stages' own command lines with a params file per run (``params.yaml`` + overrides), so each row
-is what ``dvc exp run -S ...`` with the same overrides gives. A step whose metrics file exists is not rerun: a
-killed run continues. Prints a Markdown table (CAM mIoU on ``dump_cams.eval_split``, pseudo-label mIoU / coverage /
-precision / recall on ``refine.eval_splits``, seconds per stage) and writes it to ``<out>/ablation.md``.
-The manifest must exist (``dvc repro prepare``).
+Classifier variants (``train_classifier`` overrides; METHODS.md §1-3): ToCo as in ``params.yaml``; the plain
+ViT-CAM baseline (no auxiliary head, no PTC, no CTC, no segmentation head); ``afa`` (affinity head, refined with
+``random_walk``); ``apc`` (Adaptive-K pooling + patch contrast); ``trt`` (re-attention foreground map, refined with
+``fg_prior``). For each the script trains the classifier, dumps its CAMs, and refines them with each method chain,
+running the stages' own command lines with a params file per run (``params.yaml`` + overrides), so each row is what
+``dvc exp run -S ...`` with the same overrides gives. A step whose metrics file exists is not rerun: a killed run
+continues. Prints a Markdown table (CAM mIoU on ``dump_cams.eval_split``, pseudo-label mIoU / coverage /
+precision / recall on ``refine.eval_splits``, the classifier's seconds per training step) and writes it to
+``<out>/ablation.md``. The manifest must exist (``dvc repro prepare``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS: dict[str, dict] = {
     "toco": {},
     "vit_cam": {"use_aux": False, "use_ptc": False, "use_ctc": False, "use_seg": False},
+    "afa": {"use_afa": True},
+    "apc": {"pooling": "akp", "use_pcl": True},
+    "trt": {"use_trt": True},
 }
 CHAINS: dict[str, list[list[str]]] = {
     "toco": [[], ["par"], ["crf"], ["par", "crf"]],
     "vit_cam": [[], ["par", "crf"]],
+    "afa": [["par", "crf"], ["random_walk"], ["random_walk", "par", "crf"]],
+    "apc": [[], ["par", "crf"]],
+    "trt": [["par", "crf"], ["fg_prior"], ["fg_prior", "par", "crf"]],
 }
 
 
@@ -96,6 +104,7 @@ def run_variant(name: str, out: Path, manifest: Path, times: dict, from_dvc: boo
         times[name][f"refine {tag}"] = t
         pseudo = json.loads((run_dir / "pseudo_labels.json").read_text())
         rows.append({"classifier": name, "methods": "[" + ", ".join(chain) + "]", "f1": classifier.get("f1"),
+                     "step_s": classifier.get("seconds_per_step"),
                      "cam_miou": cams.get("miou"), "cam_best": cams.get("best_miou"),
                      "cam_best_threshold": cams.get("best_threshold"), "miou": pseudo.get("miou"),
                      "coverage": pseudo.get("coverage"), "precision": pseudo.get("precision"),
@@ -105,11 +114,11 @@ def run_variant(name: str, out: Path, manifest: Path, times: dict, from_dvc: boo
 
 def table(rows: list[dict]) -> str:
     lines = ["| classifier | refine.methods | val F1 | CAM mIoU at bkg (best at t), dump_cams.eval_split | pseudo-label "
-             "mIoU | coverage | precision | recall |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "mIoU | coverage | precision | recall | s/step |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['classifier']} | `{r['methods']}` | {r['f1']} | {r['cam_miou']} ({r['cam_best']} @ "
                      f"{r['cam_best_threshold']}) | {r['miou']} | {r['coverage']} | {r['precision']} | "
-                     f"{r['recall']} |")
+                     f"{r['recall']} | {r.get('step_s') or '-'} |")
     return "\n".join(lines)
 
 

@@ -110,7 +110,9 @@ def multiscale_cam(
             cam = cam_to_size(cam.float(), x.shape[-2:], (H, W), _stride(model))  # (2B, K, H, W)
             cam = F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))  # (B, K, H, W)
             totals[i] = cam if totals[i] is None else totals[i] + cam
-    out = tuple(normalise_cams(total, labels, valid, eps) for total in totals)
+    # TRT's class-agnostic "fg" map has one plane, not one per class: normalised without the tags
+    out = tuple(normalise_cams(total, None if name == "fg" else labels, valid, eps)
+                for name, total in zip(heads, totals))
     return out[0] if isinstance(head, str) else out
 
 

@@ -41,6 +41,23 @@ def _mean_or_zero(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
+def _token_pairs(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cosine (B, N, N), positive pairs, negative pairs) of the patch tokens of each image, fp32.
+
+    Positives: same label; negatives: different labels; pairs with an ignored token and the diagonal are neither.
+    """
+    b, c, h, w = tokens.shape
+    x = F.normalize(tokens.float().reshape(b, c, h * w), p=2, dim=1, eps=1e-8)  # (B, C, N)
+    sim = torch.bmm(x.transpose(1, 2), x)  # (B, N, N)
+    lab = token_labels.reshape(b, h * w)
+    valid = lab != ignore_index  # (B, N)
+    pair_valid = valid[:, :, None] & valid[:, None, :]  # (B, N, N)
+    pair_valid &= ~torch.eye(h * w, dtype=torch.bool, device=tokens.device)
+    same = lab[:, :, None] == lab[:, None, :]
+    return sim, (pair_valid & same).float(), (pair_valid & ~same).float()
+
+
 def ptc_loss(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Patch token contrast (ToCo `get_masked_ptc_loss`).
 
@@ -50,19 +67,26 @@ def ptc_loss(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int
     0.5 mean S over negatives, the means pooled over the whole batch (as the reference). A term is 0 when
     the batch has no pair of its kind (the reference's "+1" in the denominator biased both terms instead).
     """
-    b, c, h, w = tokens.shape
     with _no_autocast(tokens):
-        x = F.normalize(tokens.float().reshape(b, c, h * w), p=2, dim=1, eps=1e-8)  # (B, C, N)
-        sim = torch.bmm(x.transpose(1, 2), x).abs()  # (B, N, N)
-        lab = token_labels.reshape(b, h * w)
-        valid = lab != ignore_index  # (B, N)
-        pair_valid = valid[:, :, None] & valid[:, None, :]  # (B, N, N)
-        pair_valid &= ~torch.eye(h * w, dtype=torch.bool, device=tokens.device)
-        same = lab[:, :, None] == lab[:, None, :]
-        pos = (pair_valid & same).float()
-        neg = (pair_valid & ~same).float()
+        sim, pos, neg = _token_pairs(tokens, token_labels, ignore_index)
+        sim = sim.abs()
         pos_term = _mean_or_zero(((1.0 - sim) * pos).sum(), pos.sum())  # 1 - mean S over positives
         neg_term = _mean_or_zero((sim * neg).sum(), neg.sum())
+        return 0.5 * pos_term + 0.5 * neg_term
+
+
+def pcl_loss(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """APC's patch contrastive learning (METHODS.md §3): same-class patch embeddings together, others apart.
+
+    Same pairs as :func:`ptc_loss`, but with the *signed* cosine S: loss = 0.5 mean(1 - S) over positives +
+    0.5 mean(max(S, 0)) over negatives. PTC's |cos| is satisfied by anti-parallel positives and counts
+    anti-parallel negatives as similar; here positives must point the same way and negatives are done once
+    orthogonal. Labels come from the final CAM (``stages/toco_step.py``), so PCL needs no auxiliary head.
+    """
+    with _no_autocast(tokens):
+        sim, pos, neg = _token_pairs(tokens, token_labels, ignore_index)
+        pos_term = _mean_or_zero(((1.0 - sim) * pos).sum(), pos.sum())
+        neg_term = _mean_or_zero((sim.clamp(min=0) * neg).sum(), neg.sum())
         return 0.5 * pos_term + 0.5 * neg_term
 
 

@@ -15,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import attention
+from models.affinity import AffinityHead
 from models.backbone import create_vit, patch_grid
 from models.ctc import EmaTeacher, ProjectionHead
+from models.pooling import adaptive_k_pool
+from models.trt import ReAttention, foreground_map, preliminary_attention, select_tokens
 
-HEADS = ("final", "aux")
+HEADS = ("final", "aux", "fg")  # "fg": TRT's class-agnostic foreground map (use_trt)
+POOLINGS = ("gmp", "akp")
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,20 @@ class ToCoConfig:
     proj_out_dim: int = 1024
     proj_norm_last_layer: bool = True  # weight-norm magnitude fixed at 1 (DINO)
     ema_momentum: float = 0.9  # teacher ← m·teacher + (1 − m)·student
+    pooling: str = "gmp"  # gmp: global max pooling (ToCo) | akp: APC's Adaptive-K pooling of patch logits
+    akp_ratio: float = 0.8  # akp: K = patches whose sigmoid score >= ratio × the best patch's
+    use_afa: bool = False  # AFA affinity head on the raw attention scores of the last afa_layers blocks
+    afa_layers: int = 2
+    use_trt: bool = False  # TRT token selection + masked re-attention: a class-agnostic foreground map
+    trt_theta: float = 0.6  # cumulative preliminary-attention mass of the kept tokens (CUB 0.6, ImageNet 0.95)
 
     def validate(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if not 0.0 < self.akp_ratio <= 1.0:
+            raise ValueError(f"akp_ratio must be in (0, 1], got {self.akp_ratio}")
+        if not 0.0 < self.trt_theta <= 1.0:
+            raise ValueError(f"trt_theta must be in (0, 1], got {self.trt_theta}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if not 0.0 <= self.ema_momentum <= 1.0:
@@ -105,29 +122,78 @@ class ToCo(nn.Module):
             self.proj_head = ProjectionHead(dim, cfg.proj_hidden_dim, cfg.proj_bottleneck_dim, cfg.proj_out_dim,
                                             cfg.proj_norm_last_layer)
             self.teacher = EmaTeacher(self.proj_head, cfg.ema_momentum)
+        # Heads on attention scores: only the blocks they read leave the fused attention kernel.
+        blocks = self.backbone.blocks
+        self.afa_blocks: list[nn.Module] = []
+        self.trt_blocks: list[nn.Module] = []
+        self.affinity_head = self.reattention = None
+        if cfg.use_afa:
+            if not 1 <= cfg.afa_layers <= depth:
+                raise ValueError(f"afa_layers {cfg.afa_layers} must be in 1..{depth} (the backbone's blocks)")
+            self.afa_blocks = list(blocks[depth - cfg.afa_layers:])
+            for block in self.afa_blocks:
+                attention.capture(block, ("scores",))
+            self.affinity_head = AffinityHead(cfg.afa_layers * self.afa_blocks[0].attn.num_heads)
+        if cfg.use_trt:
+            if not self.has_class_token or depth < 2:
+                raise ValueError("TRT needs a backbone with a class token and at least 2 blocks")
+            self.trt_blocks = list(blocks[:depth - 1])
+            for block in self.trt_blocks:
+                attention.capture(block, ("cls",))
+            self.reattention = ReAttention(dim, K, blocks[-1].attn.num_heads)
 
     # ----------------------------------------------------------------------------------------- encoder
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """One encoder pass: final tokens (B, C, h, w) after the final norm, aux tokens before it, class token."""
+        """One encoder pass: final tokens (B, C, h, w) after the final norm, aux tokens before it, class token.
+
+        With AFA also ``affinity_logits`` (B, N, N) between the N = h·w patch tokens; with TRT ``fg`` (B, 1, h, w)
+        in [0, 1] and the re-attention classifier's ``trt_logits`` (B, K).
+        """
+        attention.release(self.afa_blocks + self.trt_blocks)
         final, (aux_tokens,) = self.backbone.forward_intermediates(
             x, indices=[self.aux_index], norm=False, output_fmt="NCHW")  # final: (B, prefix + h*w, C) normed
         B, _, C = final.shape
         h, w = aux_tokens.shape[-2:]
-        tokens = final[:, self.num_prefix_tokens:].reshape(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w)
+        P = self.num_prefix_tokens
+        tokens = final[:, P:].reshape(B, h, w, C).permute(0, 3, 1, 2)  # (B, C, h, w)
         cls_token = final[:, 0] if self.has_class_token else None  # (B, C)
-        return {"tokens": tokens, "aux_tokens": aux_tokens, "cls_token": cls_token}
+        out = {"tokens": tokens, "aux_tokens": aux_tokens, "cls_token": cls_token}
+        if self.affinity_head is not None:
+            scores = torch.cat([attention.captured(b, "scores")[:, :, P:, P:] for b in self.afa_blocks], dim=1)
+            out["affinity_logits"] = self.affinity_head(scores)  # (B, N, N)
+        if self.reattention is not None:
+            with torch.no_grad():
+                prelim = preliminary_attention([attention.captured(b, "cls_probs") for b in self.trt_blocks], P)
+                keep = select_tokens(prelim, self.cfg.trt_theta)
+            out["trt_logits"], scores = self.reattention(cls_token, final[:, P:], keep)
+            out["fg"] = foreground_map(prelim, scores.detach(), keep, (h, w))
+        attention.release(self.afa_blocks + self.trt_blocks)
+        return out
 
     def class_token(self, x: torch.Tensor) -> torch.Tensor:
         """Final (normed) class token only, for the extra CTC views (B, C)."""
         if not self.has_class_token:
             raise ValueError("this backbone has no class token")
-        return self.backbone.forward_features(x)[:, 0]
+        token = self.backbone.forward_features(x)[:, 0]
+        attention.release(self.afa_blocks + self.trt_blocks)
+        return token
 
     # ----------------------------------------------------------------------------------------- heads
-    @staticmethod
-    def _pooled_logits(classifier: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_max_pool2d(tokens, 1)  # (B, C, 1, 1): global max pooling
-        return classifier(pooled).flatten(1)  # (B, K)
+    def pooled_logits(self, tokens: torch.Tensor, head: str = "final", valid: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Image logits (B, K) of ``head`` from its token map (B, C, h, w): global max pooling of the features then
+        the 1×1 classifier (ToCo), or Adaptive-K pooling of the patch logits (APC). ``valid`` (B, h, w) bool
+        keeps padding tokens out (an image without a valid token uses them all)."""
+        conv = self._cam_head(head)
+        if valid is not None:
+            valid = valid | ~valid.flatten(1).any(dim=1)[:, None, None]
+        if self.cfg.pooling == "akp":
+            patch = F.conv2d(tokens, conv.weight).flatten(2)  # (B, K, N)
+            return adaptive_k_pool(patch, self.cfg.akp_ratio, None if valid is None else valid.flatten(1))
+        if valid is None:
+            return conv(F.adaptive_max_pool2d(tokens, 1)).flatten(1)  # (B, K): global max pooling, then 1×1
+        pooled = tokens.float().masked_fill(~valid[:, None], float("-inf")).amax(dim=(-2, -1))  # (B, C)
+        return pooled @ conv.weight.flatten(1).float().T  # (B, K)
 
     def forward(self, x: torch.Tensor, *, with_heads: bool = True, with_seg: bool = True,
                 with_proj: bool = False) -> dict[str, torch.Tensor | None]:
@@ -140,8 +206,8 @@ class ToCo(nn.Module):
         out = self.encode(x)
         with_seg = with_seg and with_heads and self.seg_head is not None
         with_aux = with_heads and self.aux_classifier is not None
-        out["logits"] = self._pooled_logits(self.classifier, out["tokens"]) if with_heads else None
-        out["aux_logits"] = self._pooled_logits(self.aux_classifier, out["aux_tokens"]) if with_aux else None
+        out["logits"] = self.pooled_logits(out["tokens"], "final") if with_heads else None
+        out["aux_logits"] = self.pooled_logits(out["aux_tokens"], "aux") if with_aux else None
         out["seg"] = self.seg_head(out["tokens"]) if with_seg else None
         if with_proj:
             out["proj"] = self.project(out["cls_token"])
@@ -155,27 +221,44 @@ class ToCo(nn.Module):
             if self.aux_classifier is None:
                 raise ValueError("the auxiliary classifier is disabled (use_aux: false)")
             return self.aux_classifier
+        if head == "fg":
+            raise ValueError("the fg map is not a classifier head")
         raise ValueError(f"unknown CAM head {head!r}; expected one of {HEADS}")
+
+    def head_maps(self, enc: dict[str, torch.Tensor | None], heads: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        """Raw token-grid maps of an encoding: class heads' CAMs before ReLU (B, K, h, w), TRT's fg (B, 1, h, w)."""
+        maps = []
+        for name in heads:
+            if name == "fg":
+                if enc.get("fg") is None:
+                    raise ValueError("the fg map needs the TRT head (use_trt: true)")
+                maps.append(enc["fg"])
+            else:
+                source = enc["tokens"] if name == "final" else enc["aux_tokens"]
+                maps.append(F.conv2d(source, self._cam_head(name).weight))
+        return tuple(maps)
 
     def cams(self, x: torch.Tensor, head: str | tuple[str, ...] = "final", *, relu: bool = True):
         """CAMs at the token grid: the classifier's 1×1 conv on the unpooled map, (B, K, h, w).
 
-        ``head`` may be a tuple such as ("aux", "final"): one encoder pass, a tuple of maps back.
-        With only the aux head the encoder stops after block ``aux_layer``.
+        ``head`` may be a tuple such as ("aux", "final"): one encoder pass, a tuple of maps back. "fg" gives TRT's
+        class-agnostic map (B, 1, h, w). With only the aux head the encoder stops after block ``aux_layer``.
         """
         heads = (head,) if isinstance(head, str) else tuple(head)
-        convs = [self._cam_head(name) for name in heads]
+        for name in heads:
+            if name != "fg":
+                self._cam_head(name)  # a clear error for a disabled or unknown head
         if all(name == "aux" for name in heads):
             (aux_tokens,) = self.backbone.forward_intermediates(
                 x, indices=[self.aux_index], norm=False, output_fmt="NCHW", stop_early=True,
                 intermediates_only=True)
-            maps = {"aux": aux_tokens}
+            attention.release(self.afa_blocks + self.trt_blocks)
+            enc = {"aux_tokens": aux_tokens}
         else:
             enc = self.encode(x)
-            maps = {"final": enc["tokens"], "aux": enc["aux_tokens"]}
-        cams = [F.conv2d(maps[name], conv.weight) for name, conv in zip(heads, convs)]
+        cams = self.head_maps(enc, heads)
         if relu:
-            cams = [F.relu(cam) for cam in cams]
+            cams = tuple(F.relu(cam) for cam in cams)
         return cams[0] if isinstance(head, str) else tuple(cams)
 
     # ----------------------------------------------------------------------------------------- CTC

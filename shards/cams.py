@@ -3,7 +3,14 @@
 One row per image, in manifest order: ``image_id``, ``split``, ``height``/``width`` of the original image,
 ``cam_height``/``cam_width`` of the stored maps, ``classes`` (the P present class ids 1..K, ascending),
 ``scores`` (the classifier's sigmoid score of each stored class), ``tag_source`` ("given": the manifest's tags;
-"predicted": an untagged row whose classes the classifier chose), ``cams`` and ``aux_cams`` (nullable).
+"predicted": an untagged row whose classes the classifier chose), ``cams`` and ``aux_cams`` (nullable), and two
+optional seed-method columns (null unless the classifier has the head):
+- ``fg``: TRT's class-agnostic foreground map, fp16 (1, cam_height, cam_width) in [0, 1], multi-scale + flip as
+  the CAMs (``refine`` method ``fg_prior``);
+- ``affinity`` with ``aff_height``/``aff_width``: AFA's predicted affinity between the aff_height × aff_width
+  tokens that cover the image at ``image_size`` (scale 1), uint8 (N, N) C-order, value = round(255·a), N =
+  aff_height·aff_width (``refine`` method ``random_walk``). 1/255 steps are far finer than the walk needs and a
+  quarter of fp32's bytes: ~150 kB per image at 384 px, i.e. several times a row's CAMs.
 
 A CAM cell is the raw bytes of a C-order little-endian float16 array (P, cam_height, cam_width) holding the
 normalised multi-scale CAM in [0, 1] of the present classes only: ~8 kB per class at 64 px instead of the
@@ -35,7 +42,12 @@ CAM_SCHEMA = pa.schema([
     ("tag_source", pa.string()),
     ("cams", pa.binary()),
     ("aux_cams", pa.binary()),
+    ("fg", pa.binary()),
+    ("affinity", pa.binary()),
+    ("aff_height", pa.int32()),
+    ("aff_width", pa.int32()),
 ])
+AFFINITY_DTYPE = np.dtype("u1")
 
 
 def cam_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: Mapping[str, Any],
@@ -64,6 +76,37 @@ def decode_cams(row: Mapping[str, Any], column: str = "cams") -> np.ndarray:
     if flat.size != shape[0] * shape[1] * shape[2]:
         raise ValueError(f"{row.get('image_id')}: {column} holds {flat.size} values, expected {shape}")
     return flat.reshape(shape).astype(np.float32)
+
+
+def decode_fg(row: Mapping[str, Any]) -> np.ndarray | None:
+    """A row's TRT foreground map as float32 (cam_height, cam_width), or None when the column is empty."""
+    if row.get("fg") is None:
+        return None
+    flat = np.frombuffer(row["fg"], dtype=CAM_DTYPE)
+    shape = (int(row["cam_height"]), int(row["cam_width"]))
+    if flat.size != shape[0] * shape[1]:
+        raise ValueError(f"{row.get('image_id')}: fg holds {flat.size} values, expected {shape}")
+    return flat.reshape(shape).astype(np.float32)
+
+
+def encode_affinity(affinity: np.ndarray) -> bytes:
+    """(N, N) affinity in [0, 1] -> uint8 C-order bytes (round(255·a), clipped)."""
+    affinity = np.asarray(affinity, dtype=np.float32)
+    if affinity.ndim != 2 or affinity.shape[0] != affinity.shape[1]:
+        raise ValueError(f"affinity must be square (N, N), got shape {affinity.shape}")
+    return np.ascontiguousarray(np.rint(np.clip(affinity, 0.0, 1.0) * 255), dtype=AFFINITY_DTYPE).tobytes()
+
+
+def decode_affinity(row: Mapping[str, Any]) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """A row's AFA affinity as float32 (N, N) in [0, 1] and its token grid, or None when the column is empty."""
+    if row.get("affinity") is None:
+        return None
+    grid = (int(row["aff_height"]), int(row["aff_width"]))
+    n = grid[0] * grid[1]
+    flat = np.frombuffer(row["affinity"], dtype=AFFINITY_DTYPE)
+    if flat.size != n * n:
+        raise ValueError(f"{row.get('image_id')}: affinity holds {flat.size} values, expected {n}x{n} for {grid}")
+    return flat.reshape(n, n).astype(np.float32) / 255.0, grid
 
 
 class ThresholdSweep:

@@ -72,7 +72,7 @@ def render_card(info: Mapping[str, Any]) -> str:
                            f"{100 * s['ignored_pixel_share']:.2f} % |" for split, s in splits.items())
     prov = info["provenance"]
     voc = (f"- `{info['voc']}/`: the same labels as a VOC tree (`JPEGImages/`, `SegmentationClass/` palette PNGs, "
-           "`ImageSets/Segmentation/<split>.txt`, `classes.txt`)\n") if info["voc"] else ""
+           "`Annotations/` box XMLs, `ImageSets/Segmentation/<split>.txt`, `classes.txt`)\n") if info["voc"] else ""
     return f"""---
 {header}---
 
@@ -110,7 +110,9 @@ names = ds["{first}"].features["labels"].feature.names
 ```
 
 Columns: `image_id`, `split`, `image`, `mask`, `labels` (class ids present), `tag_source` (given | predicted),
-`height`, `width`, `ignore_fraction`, `confidence`, `pixels` (pixel count per class id).
+`height`, `width`, `ignore_fraction`, `confidence`, `pixels` (pixel count per class id), `boxes` (for detection:
+one box per connected region of a class in the mask, `{{label, x0, y0, x1, y1, pixels}}`, 0-based pixel coordinates
+with `x1`, `y1` exclusive; regions too small to be objects are left out).
 
 ## Files
 

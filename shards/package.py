@@ -9,12 +9,14 @@ Layout (``PACKAGE_VERSION`` 1)::
         data/<split>-00000-of-00002.parquet     pseudo-label rows (schema: shards/pseudo_labels.py)
         voc/JPEGImages/<id>.jpg|.png            optional VOC-style copy: images as stored,
         voc/SegmentationClass/<id>.png          the pseudo masks (palette PNG, 255 = ignore),
+        voc/Annotations/<id>.xml                their instance boxes (``boxes``) in VOC detection format,
         voc/ImageSets/Segmentation/<split>.txt  the ids of each split,
         voc/classes.txt                         class names, background first
 
 Shard names follow the Hugging Face convention ``data/{split}-NNNNN-of-NNNNN.parquet``: ``datasets.load_dataset(
 "parquet", data_dir=<package>)`` finds the splits by those names alone, whatever else the folder holds, and the
-``huggingface`` schema metadata decodes ``image`` and ``mask`` as images and ``labels`` as class names.
+``huggingface`` schema metadata decodes ``image`` and ``mask`` as images and ``labels`` (and each box's ``label``)
+as class names.
 
 Integrity: :func:`verify_package` refuses a package whose version is not ours, a listed file that is missing or
 whose sha256 differs (a flipped byte, a truncated download), a shard not listed in ``SHA256SUMS``, and a shard
@@ -27,6 +29,7 @@ import contextlib
 import json
 import math
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -96,13 +99,51 @@ def image_extension(data: bytes) -> str:
     raise ValueError(f"image bytes start with {data[:8]!r}: neither JPEG nor PNG")
 
 
-def write_voc_rows(table: pa.Table, voc_root: Path) -> list[str]:
-    """Images and palette masks of ``table`` as loose VOC files; returns their paths relative to ``voc_root``."""
+def voc_annotation_xml(image_file: str, height: int, width: int, boxes: Sequence[Mapping[str, int]],
+                       class_names: Sequence[str]) -> bytes:
+    """A VOC detection annotation of one image: an ``object`` per box of the ``boxes`` column.
+
+    VOC's ``bndbox`` is 1-based and inclusive, ours 0-based with exclusive ends: ``xmin = x0 + 1``, ``xmax = x1``.
+    ``truncated`` marks boxes that touch the image border, as VOC does for objects cut by the frame.
+    """
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "JPEGImages"
+    ET.SubElement(root, "filename").text = image_file
+    size = ET.SubElement(root, "size")
+    for key, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, key).text = str(value)
+    ET.SubElement(root, "segmented").text = "1"  # SegmentationClass/ holds the mask
+    for box in boxes:
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = class_names[box["label"]]
+        ET.SubElement(node, "pose").text = "Unspecified"
+        truncated = box["x0"] == 0 or box["y0"] == 0 or box["x1"] == width or box["y1"] == height
+        ET.SubElement(node, "truncated").text = str(int(truncated))
+        ET.SubElement(node, "difficult").text = "0"
+        bndbox = ET.SubElement(node, "bndbox")
+        for key, value in (("xmin", box["x0"] + 1), ("ymin", box["y0"] + 1), ("xmax", box["x1"]),
+                           ("ymax", box["y1"])):
+            ET.SubElement(bndbox, key).text = str(value)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8")
+
+
+def write_voc_rows(table: pa.Table, voc_root: Path, class_names: Sequence[str]) -> list[str]:
+    """Images, palette masks and box annotations of ``table`` as loose VOC files; returns their paths relative to
+    ``voc_root``."""
+    if "boxes" not in table.column_names:
+        raise ValueError("the pseudo-label shards have no 'boxes' column (written by an older refine); "
+                         "run refine again")
     written = []
-    for row in table.select(["image_id", "image", "mask"]).to_pylist():
+    for row in table.select(["image_id", "image", "mask", "height", "width", "boxes"]).to_pylist():
+        if row["boxes"] is None:
+            raise ValueError(f"image {row['image_id']!r}: no boxes in its pseudo-label row; run refine again")
         image = row["image"]["bytes"]
-        for rel, data in ((f"JPEGImages/{row['image_id']}.{image_extension(image)}", image),
-                          (f"SegmentationClass/{row['image_id']}.png", row["mask"]["bytes"])):
+        image_file = f"{row['image_id']}.{image_extension(image)}"
+        annotation = voc_annotation_xml(image_file, row["height"], row["width"], row["boxes"], class_names)
+        for rel, data in ((f"JPEGImages/{image_file}", image),
+                          (f"SegmentationClass/{row['image_id']}.png", row["mask"]["bytes"]),
+                          (f"Annotations/{row['image_id']}.xml", annotation)):
             atomic_write_bytes(voc_root / rel, data)
             written.append(rel)
     return written
@@ -118,7 +159,8 @@ def write_split(sources: Sequence[Path], split: str, out_dir: Path, *, rows_per_
     if not sources:
         raise ValueError(f"split {split!r}: no pseudo-label shards")
     schema = pq.read_schema(sources[0])
-    num_classes = len(read_metadata(sources[0])["class_names"])
+    class_names = read_metadata(sources[0])["class_names"]
+    num_classes = len(class_names)
     for path in sources[1:]:
         if not pq.read_schema(path).equals(schema, check_metadata=False) \
                 or read_metadata(path)["class_names"] != read_metadata(sources[0])["class_names"]:
@@ -143,7 +185,8 @@ def write_split(sources: Sequence[Path], split: str, out_dir: Path, *, rows_per_
                 summary["ignored_pixels"] += int(pc.sum(area).as_py()) - int(pixels.sum())
                 summary["ids"].extend(table["image_id"].to_pylist())
                 if voc:
-                    summary["files"] += [f"{VOC_DIR}/{rel}" for rel in write_voc_rows(table, out_dir / VOC_DIR)]
+                    summary["files"] += [f"{VOC_DIR}/{rel}"
+                                         for rel in write_voc_rows(table, out_dir / VOC_DIR, class_names)]
                 if on_rows is not None:
                     on_rows(table.num_rows)
         summary["shards"].append(name)

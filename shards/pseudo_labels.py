@@ -4,11 +4,13 @@ One row per image (DESIGN.md §4): ``image_id``, ``split``, ``image`` (the manif
 bytes/path as a Hugging Face ``Image``), ``mask`` (palette PNG of class ids at the image's size: 0 background,
 1..K classes, 255 ignore), ``labels`` (the class ids the mask may contain: the CAM shard's classes), ``tag_source``
 ("given" | "predicted"), ``height``, ``width``, ``ignore_fraction`` (share of 255 pixels), ``confidence`` (see
-``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum) and ``pixels`` (pixel count
-of every class 0..K; 255 pixels are not counted).
+``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum), ``pixels`` (pixel count
+of every class 0..K; 255 pixels are not counted) and ``boxes`` (per-instance boxes for detection: one per connected
+component of each class in the mask, ``{label, x0, y0, x1, y1, pixels}``, 0-based with exclusive ``x1``/``y1``; see
+``shards/boxes.py``).
 
 The ``huggingface`` schema-metadata entry makes ``datasets.load_dataset("parquet", ...)`` decode ``image`` and
-``mask`` as images and ``labels`` as class names.
+``mask`` as images, and ``labels`` and each box's ``label`` as class names.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("ignore_fraction", pa.float32()),
     ("confidence", pa.float32()),
     ("pixels", pa.list_(pa.int64())),
+    ("boxes", pa.list_(pa.struct([  # label int64 as in `labels`; coordinates int32 as height/width
+        ("label", pa.int64()), ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
+        ("pixels", pa.int64())]))),
 ])
 
 
@@ -58,6 +63,12 @@ def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[i
         "ignore_fraction": {"dtype": "float32", "_type": "Value"},
         "confidence": {"dtype": "float32", "_type": "Value"},
         "pixels": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "Sequence"},
+        # a list of dicts is a one-element JSON list, which `datasets` (old versions and 5.x alike) reads as
+        # list<struct>, the column's type; {"_type": "Sequence"} of a dict would mean a struct of lists, and
+        # `datasets` drops features whose Arrow type differs from the column's (the class names would be lost)
+        "boxes": [{"label": {"names": list(class_names), "_type": "ClassLabel"},
+                   **{key: {"dtype": "int32", "_type": "Value"} for key in ("x0", "y0", "x1", "y1")},
+                   "pixels": {"dtype": "int64", "_type": "Value"}}],
     })
     return with_metadata(PSEUDO_LABEL_SCHEMA, meta, hf)
 

@@ -39,6 +39,8 @@ def toco_config(p: ClassifierParams, num_classes: int) -> ToCoConfig:
         stem=p.stem, stem_weights=resolve_weights(p.stem_weights) if p.stem else "",
         stem_output_stride=p.stem_output_stride, freeze_stem=p.freeze_stem, use_seg_head=p.use_seg, use_ctc=p.use_ctc, seg_dim=p.seg_dim, proj_hidden_dim=p.proj_hidden_dim,
         proj_bottleneck_dim=p.proj_bottleneck_dim, proj_out_dim=p.proj_out_dim, ema_momentum=p.ema_momentum,
+        pooling=p.pooling, akp_ratio=p.akp_ratio, use_afa=p.use_afa, afa_layers=p.afa_layers, use_trt=p.use_trt,
+        trt_theta=p.trt_theta,
     )
 
 

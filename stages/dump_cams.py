@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.backbone import patch_stride
 from models.cam import multiscale_cam, valid_at_tokens
-from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_cams
+from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_affinity, encode_cams
 from shards.fingerprint import code_version, fingerprint, hash_params
 from shards.images import decode_mask_png
 from shards.io import ShardSet, atomic_write_json, sha256_file
@@ -81,39 +82,50 @@ class _SlotCams:
 
     Gathering the P present classes at the token grid keeps every upsampled map (2B, P, H, W) instead of
     (2B, K, H, W): on COCO, ~3 planes instead of 80. ``multiscale_cam`` feeds [images, flipped images].
-    ``first`` holds the full-K token-grid maps of the scale-1 pass that already gave the class scores, so that
-    pass is not run twice (the shape of its input identifies it).
+    ``first`` holds the full-K token-grid maps (and AFA affinity) of the scale-1 pass that already gave the class
+    scores, so that pass is not run twice (the shape of its input identifies it). TRT's "fg" map has one plane
+    and is passed through. ``affinity``: the AFA affinity (B, N, N) of the scale-1 pass, once it has run.
     """
 
-    def __init__(self, model: torch.nn.Module, class_index: torch.Tensor,
-                 first: tuple[torch.Size, tuple[torch.Tensor, ...]] | None = None):
-        self.model, self.index, self.first = model, class_index, first  # index: (B, P) class 0..K-1 per slot
+    def __init__(self, model: torch.nn.Module, class_index: torch.Tensor, scale1: torch.Size,
+                 first: tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None = None):
+        self.model, self.index, self.scale1, self.first = model, class_index, scale1, first  # index: (B, P)
+        self.affinity = first[1] if first is not None else None
 
     def cams(self, x: torch.Tensor, heads: tuple[str, ...], relu: bool = False) -> tuple[torch.Tensor, ...]:
-        if self.first is not None and x.shape == self.first[0]:
-            maps = self.first[1]
+        if self.first is not None and x.shape == self.scale1:
+            maps = self.first[0]
         else:
-            maps = self.model.cams(x, heads, relu=relu)
+            enc = self.model.encode(x)
+            maps = self.model.head_maps(enc, heads)
+            if x.shape == self.scale1 and self.affinity is None:
+                self.affinity = scale1_affinity(enc, x.shape[0] // 2)
+        if relu:
+            maps = tuple(F.relu(m) for m in maps)
         index = torch.cat([self.index, self.index])  # (2B, P)
-        return tuple(m.gather(1, index[:, :, None, None].expand(-1, -1, *m.shape[-2:])) for m in maps)
+        return tuple(m if name == "fg" else m.gather(1, index[:, :, None, None].expand(-1, -1, *m.shape[-2:]))
+                     for name, m in zip(heads, maps))
+
+
+def scale1_affinity(enc: dict[str, Any], batch: int) -> torch.Tensor | None:
+    """AFA affinity (B, N, N) in [0, 1] of the first ``batch`` images of an encoding (not their flips)."""
+    logits = enc.get("affinity_logits")
+    return None if logits is None else logits[:batch].float().sigmoid()
 
 
 def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor, heads: tuple[str, ...] = (),
-                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Sigmoid scores (B, K) from the classifier's global max pooling over the image's tokens only, not padding.
+                 ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None]:
+    """Sigmoid scores (B, K) from the classifier's pooling (``ToCo.pooled_logits``) over the image's tokens only.
 
     With ``heads`` the pass runs on [images, flipped images], which is scale 1 of the multi-scale CAM, and also
-    returns those raw full-K CAMs per head, each (2B, K, h, w), for ``_SlotCams`` to reuse.
+    returns that pass's raw maps per head (full K), each (2B, ., h, w), and its AFA affinity, for ``_SlotCams``.
     """
     B = images.shape[0]
     enc = model.encode(torch.cat([images, images.flip(-1)]) if heads else images)
     tokens = enc["tokens"][:B].float()  # (B, C, h, w)
     inside = valid_at_tokens(valid, tokens.shape[-2:])  # (B, h, w)
-    inside |= ~inside.flatten(1).any(dim=1)[:, None, None]  # an image smaller than a token: use every token
-    pooled = tokens.masked_fill(~inside[:, None], float("-inf")).amax(dim=(-2, -1))  # (B, C)
-    scores = (pooled @ model.classifier.weight.flatten(1).float().T).sigmoid()  # (B, K)
-    maps = {"final": enc["tokens"], "aux": enc["aux_tokens"]}
-    return scores, tuple(F.conv2d(maps[head], model._cam_head(head).weight) for head in heads)
+    scores = model.pooled_logits(tokens, "final", inside).float().sigmoid()  # (B, K)
+    return scores, ((model.head_maps(enc, heads), scale1_affinity(enc, B)) if heads else None)
 
 
 def predict_view(images: torch.Tensor, valid: torch.Tensor, p: DumpCamsParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +163,8 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
         sizes.append((h, w))
     images, valid = images.to(env.device), valid.to(env.device)
     heads = ("final", "aux") if p.aux else ("final",)
+    if getattr(model, "reattention", None) is not None:
+        heads += ("fg",)  # TRT: the class-agnostic foreground map, stored in column fg
     # Tags are predicted at predict_size, the classifier's own scale (train_classifier.eval_size); when it is the
     # CAM size, that pass doubles as scale 1 of the multi-scale CAM.
     reuse = 1.0 in p.scales and p.predict_size in (0, p.image_size)
@@ -167,31 +181,49 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     for b, (classes, _) in enumerate(chosen):
         class_index[b, : len(classes)] = torch.tensor(classes, dtype=torch.long) - 1
         slot_valid[b, : len(classes)] = 1.0
-    cached = (torch.Size((2 * len(rows), *images.shape[1:])), first) if reuse else None
+    slot_cams = _SlotCams(model, class_index.to(env.device), torch.Size((2 * len(rows), *images.shape[1:])),
+                          first if reuse else None)
     with env.autocast(p.bf16):
-        maps = multiscale_cam(_SlotCams(model, class_index.to(env.device), cached), images, p.scales, head=heads,
-                              labels=slot_valid.to(env.device), valid=valid)  # each (B, P, Hp, Wp)
+        maps = multiscale_cam(slot_cams, images, p.scales, head=heads, labels=slot_valid.to(env.device),
+                              valid=valid)  # each (B, P, Hp, Wp); fg (B, 1, Hp, Wp)
+        affinity = slot_cams.affinity
+        if affinity is None and getattr(model, "affinity_head", None) is not None:  # scale 1 not among scales
+            affinity = scale1_affinity(model.encode(images), len(rows))
     out = []
     long_side = p.cam_size or p.image_size
+    grid = affinity_grid(model, images.shape[-2:])
     for b, (row, (classes, source)) in enumerate(zip(rows, chosen)):
         ch, cw = resized_size(row["height"], row["width"], long_side)
         h, w = sizes[b]
-        stored = []
-        for cam in maps:
-            cam = cam[b: b + 1, : len(classes), :h, :w].float()  # (1, P_b, h, w): crop the padding away
-            if not classes:  # a tagged image with no foreground class: an empty (0, ch, cw) stack
+        stored = {}
+        for name, cam in zip(heads, maps):
+            planes = 1 if name == "fg" else len(classes)
+            cam = cam[b: b + 1, :planes, :h, :w].float()  # (1, P_b, h, w): crop the padding away
+            if not planes:  # a tagged image with no foreground class: an empty (0, ch, cw) stack
                 cam = cam.new_zeros(1, 0, ch, cw)
             elif (ch, cw) != (h, w):
                 cam = F.interpolate(cam, size=(ch, cw), mode="bilinear", align_corners=False,
                                     antialias=ch < h or cw < w)
-            stored.append(encode_cams(cam[0].cpu().numpy()))
-        out.append({
+            stored[name] = encode_cams(cam[0].cpu().numpy())
+        row_out = {
             "image_id": row["image_id"], "split": row["split"], "height": row["height"], "width": row["width"],
             "cam_height": ch, "cam_width": cw, "classes": classes,
             "scores": [float(scores[b, c - 1]) for c in classes], "tag_source": source,
-            "cams": stored[0], "aux_cams": stored[1] if p.aux else None,
-        })
+            "cams": stored["final"], "aux_cams": stored.get("aux"), "fg": stored.get("fg"),
+            "affinity": None, "aff_height": None, "aff_width": None,
+        }
+        if affinity is not None:
+            stride = patch_stride(model.backbone)
+            th, tw = math.ceil(h / stride), math.ceil(w / stride)  # the tokens that cover the image, not padding
+            a = affinity[b].view(*grid, *grid)[:th, :tw, :th, :tw].reshape(th * tw, th * tw)
+            row_out.update(affinity=encode_affinity(a.cpu().numpy()), aff_height=th, aff_width=tw)
+        out.append(row_out)
     return out
+
+
+def affinity_grid(model: torch.nn.Module, size) -> tuple[int, int]:
+    """Token grid of the padded batch (the affinity's square side is its product)."""
+    return model.token_grid(int(size[0]), int(size[1]))
 
 
 def dump_shard(model: torch.nn.Module, path: Path, p: DumpCamsParams, env: rt.Runtime, bar: tqdm) -> list[dict]:

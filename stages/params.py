@@ -109,8 +109,22 @@ class ClassifierParams:
     checkpoint_every: int = param(50, lo=1)
     num_workers: int = param(0, lo=0, help="DataLoader worker processes")
     bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+    # Other seed methods (METHODS.md §2-3), all off by default (bench/RESULTS.md, ablation)
+    pooling: str = param("gmp", choices=("gmp", "akp"), help="gmp (ToCo) | akp (APC Adaptive-K pooling)")
+    akp_ratio: float = param(0.8, lo=0.01, hi=1.0, help="akp: K = patches with sigmoid >= ratio * the best's")
+    use_pcl: bool = param(False, help="APC patch contrastive loss on final-CAM token labels")
+    pcl_weight: float = param(0.2, lo=0.0, help="weight of the PCL loss")
+    use_afa: bool = param(False, help="AFA affinity head on the last blocks' attention scores")
+    afa_layers: int = param(2, lo=1, help="last blocks whose attention scores feed the affinity head")
+    afa_weight: float = param(0.1, lo=0.0, help="weight of the affinity loss")
+    afa_radius: int = param(8, lo=1, help="token radius of the affinity loss's pairs")
+    use_trt: bool = param(False, help="TRT token selection + masked re-attention (class-agnostic fg map)")
+    trt_theta: float = param(0.6, lo=0.01, hi=1.0, help="cumulative attention mass of the kept tokens")
+    trt_weight: float = param(1.0, lo=0.0, help="weight of the re-attention classifier's loss")
 
     def validate(self) -> None:
+        if self.use_afa and self.depth and self.afa_layers > self.depth:
+            raise ValueError(f"afa_layers {self.afa_layers} exceeds depth {self.depth}")
         if self.low_threshold > self.high_threshold:
             raise ValueError("low_threshold must not exceed high_threshold")
         if self.scale_range[0] > self.scale_range[1]:
@@ -119,7 +133,7 @@ class ClassifierParams:
             raise ValueError("use_ptc needs use_aux (PTC labels come from the auxiliary CAM)")
 
 
-REFINE_METHODS = ("par", "crf", "random_walk")
+REFINE_METHODS = ("par", "crf", "random_walk", "fg_prior")
 
 
 @dataclass(frozen=True)
@@ -170,14 +184,23 @@ class RefineParams:
     crf_bilateral_sxy: float = param(36.0, lo=0.01, hi=1000, help="CRF bilateral kernel spatial std (px)")
     crf_bilateral_srgb: float = param(3.0, lo=0.01, hi=255, help="CRF bilateral kernel colour std")
     crf_bilateral_compat: float = param(4.0, lo=0.0, hi=100, help="CRF bilateral kernel weight")
+    rw_radius: int = param(8, lo=1, hi=1000, help="random_walk: token radius beyond which affinities are 0")
+    rw_power: float = param(2.0, lo=0.1, hi=16.0, help="random_walk: affinities are raised to this power")
+    rw_eps: float = param(0.1, lo=1e-6, hi=100.0, help="random_walk: T = A / (row sum + rw_eps)")
+    fg_power: float = param(1.0, lo=0.0, hi=16.0, help="fg_prior: CAMs are multiplied by fg ** fg_power")
     eval_splits: tuple[str, ...] = param(("train",), help="splits whose ground truth gives the metrics")
     overlays: int = param(8, lo=0, help="overlay PNGs written to metrics/overlays")
+    box_min_pixels: int = param(16, lo=1, help="instance boxes: connected components with fewer pixels are dropped")
+    box_connectivity: int = param(8, choices=(4, 8), help="instance boxes: 8 joins diagonal neighbours, 4 does not")
 
     def validate(self) -> None:
         if self.low > self.high:
             raise ValueError("low must not exceed high")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods: each refiner at most once, got {list(self.methods)}")
+        if "fg_prior" in self.methods and self.methods[0] != "fg_prior":
+            raise ValueError(f"methods: fg_prior changes the CAMs themselves, so it must come first, got "
+                             f"{list(self.methods)}")
 
 
 @dataclass(frozen=True)
@@ -187,7 +210,8 @@ class ExportParams:
     splits: tuple[str, ...] = param(("train",), help="pseudo-label splits to package")
     rows_per_shard: int = param(1000, lo=1, hi=1_000_000, help="images per Parquet shard of the package")
     row_group_size: int = param(100, lo=1, hi=100_000, help="rows per row group: what a reader loads at once")
-    voc: bool = param(True, help="also write a VOC-style folder (JPEGImages/, SegmentationClass/, ImageSets/)")
+    voc: bool = param(True, help="also write a VOC-style folder (JPEGImages/, SegmentationClass/, Annotations/, "
+                                 "ImageSets/)")
     license: str = param("unknown", help="licence id for the dataset card (Hugging Face / SPDX id)")
     name: str = param("", help="the card's title; empty = '<source> pseudo labels'")
 

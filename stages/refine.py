@@ -8,7 +8,8 @@ Produces ``data/pseudo_labels/``: one shard per CAM shard, same name and row ord
 The chain (``stages/refine_chain.py``): CAMs upsampled to the working size (the original size, long side
 capped at ``max_side``), background planes at ``high`` and ``low`` (softmax stacks), the refiners of
 ``methods`` in order (any of ``par``, ``crf``; ``[]`` = thresholds only), arg-max, ToCo's combination (0 /
-class / 255). Masks are stored at the original size.
+class / 255). Masks are stored at the original size, with their per-instance boxes (``boxes``: connected
+components of each class, ``shards/boxes.py``; ``box_min_pixels``, ``box_connectivity``) for detection users.
 
 Parallel and resumable: one task per shard in a process pool (``runtime.num_workers``; "forkserver", as forking a
 process that runs torch is unsafe); every shard is computed by the same function whatever the pool size, so 1 and
@@ -37,7 +38,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from shards.cams import decode_cams
+from shards.boxes import mask_boxes
+from shards.cams import decode_affinity, decode_cams, decode_fg
 from shards.fingerprint import code_version, fingerprint, hash_params
 from shards.images import decode_mask_png, encode_mask
 from shards.io import ShardSet, atomic_write_json, read_metadata
@@ -83,8 +85,9 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
         chunk = order[start: start + p.batch_size]
         # a writeable copy: torch and pydensecrf refuse PIL's read-only buffers
         rgbs = [np.array(resize_long(decode_rgb(manifest[i]["image"]["bytes"]), max(work[i]))) for i in chunk]
+        extras = [{"fg": decode_fg(cams[i]), "affinity": decode_affinity(cams[i])} for i in chunk]
         results = refine_chunk(rgbs, [decode_cams(cams[i]) for i in chunk], [cams[i]["classes"] for i in chunk],
-                               p, torch.device(task.device))
+                               p, torch.device(task.device), extras)
         for i, (mask, confidence) in zip(chunk, results):
             row, height, width = cams[i], cams[i]["height"], cams[i]["width"]
             if mask.shape != (height, width):
@@ -97,11 +100,25 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
             rows[i] = {"image_id": row["image_id"], "split": row["split"], "image": manifest[i]["image"],
                        "mask": {"bytes": encode_mask(mask, task.palette), "path": f"{row['image_id']}.png"},
                        "labels": row["classes"], "tag_source": row["tag_source"], "height": height, "width": width,
-                       "ignore_fraction": ignore_fraction, "confidence": confidence, "pixels": pixels}
+                       "ignore_fraction": ignore_fraction, "confidence": confidence, "pixels": pixels,
+                       "boxes": mask_boxes(mask, num_classes, min_pixels=p.box_min_pixels,
+                                           connectivity=p.box_connectivity)}
     schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods)
     return ShardSet(task.out_dir).write(task.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=task.key,
                                         split=task.name.rsplit("-", 1)[0], gt_images=gt_images,
                                         confusion=confusion.matrix.tolist())
+
+
+def first_cam_row(cams_dir: Path) -> dict[str, Any] | None:
+    """The seed-method columns of the first row of the first CAM shard (None when there is none), to refuse a
+    chain whose methods need columns the shards lack before any work."""
+    names = sorted(ShardSet(cams_dir).index()) if Path(cams_dir).exists() else []
+    for name in names:
+        table = pq.ParquetFile(Path(cams_dir) / name).read()
+        if table.num_rows:
+            row = table.slice(0, 1).to_pylist()[0]
+            return {k: row.get(k) for k in ("image_id", "fg", "affinity")}
+    return None
 
 
 def resized(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -136,7 +153,7 @@ def run(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path:
         overlays_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Refine every CAM shard; returns {computed, skipped, removed, images, seconds, metrics}."""
     p: RefineParams = params.refine
-    check_methods(p.methods)
+    check_methods(p.methods, first_cam_row(cams_dir), str(cams_dir))
     device = params.runtime.device
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if params.runtime.num_threads > 0:
@@ -196,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = load_params_or_exit(args.params)
     try:
-        check_methods(params.refine.methods)
+        check_methods(params.refine.methods, first_cam_row(Path(args.cams)), args.cams)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

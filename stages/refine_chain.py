@@ -14,7 +14,14 @@ runs combine as ToCo's: the high run's class; where it says background, 255; whe
 - ``crf``: dense CRF of each run's stack with unary -log(p) (``stages.crf.crf_inference``), one image at a time on
   CPU. First in the chain this is AFA/ToCo's CRF pseudo label (``crf_two_thresholds``); after ``par`` the
   PAR-refined probabilities are the CRF unaries; ``[crf, par]`` diffuses the CRF marginals with PAR.
-- ``random_walk`` (AFA): needs an affinity head the ToCo classifier does not have; refused with a clear error.
+- ``random_walk`` (AFA): each image's stack is area-resized to its affinity's token grid, propagated one step by
+  T = A' / (row sum + ``rw_eps``) (A' = affinities within ``rw_radius`` tokens, to the power ``rw_power``;
+  ``models/affinity.py``) and resized back (bilinear). First among the stack methods it runs, as AFA does, on the
+  raw [background plane, CAMs] values before the softmax; later it propagates the probabilities and renormalises
+  them. Needs the ``affinity`` column of CAM shards dumped from a classifier trained with ``use_afa``.
+- ``fg_prior`` (TRT): before the stacks are built, each present CAM is multiplied by the class-agnostic foreground
+  map to the power ``fg_power`` and renormalised (``models/trt.py``); it must come first. Needs the ``fg`` column
+  of a classifier trained with ``use_trt``.
 Masks come back to the original size by nearest-neighbour. ``confidence`` = mean over non-ignored pixels of the
 maximum probability of the deciding stack (the high run; the only run without the band).
 """
@@ -27,15 +34,23 @@ import torch.nn.functional as F
 
 from models.par import ParConfig, refine_with_par, working_size
 from models.pseudo import cams_with_background
+from models.trt import fg_prior
 from stages.params import RefineParams
 
 IGNORE = 255
 
 
-def check_methods(methods: tuple[str, ...]) -> None:
-    if "random_walk" in methods:
-        raise ValueError("refine.methods: random_walk (AFA affinity propagation) needs a classifier with an "
-                         "affinity head, which the ToCo classifier does not have; use par and/or crf")
+COLUMN_OF = {"random_walk": ("affinity", "use_afa"), "fg_prior": ("fg", "use_trt")}
+
+
+def check_methods(methods: tuple[str, ...], first_row: dict | None, source: str = "") -> None:
+    """Refuse, before any work, a chain whose methods need a CAM column that the CAM shards do not hold."""
+    for method in methods:
+        if method in COLUMN_OF and first_row is not None and first_row.get(COLUMN_OF[method][0]) is None:
+            column, flag = COLUMN_OF[method]
+            raise ValueError(f"refine.methods: {method} needs the CAM column {column!r}, which {source or 'the CAM shards'}"
+                             f" lack (row {first_row.get('image_id')!r}); train the classifier with "
+                             f"train_classifier.{flag}: true and dump its CAMs again")
 
 
 def par_config(p: RefineParams) -> ParConfig:
@@ -67,9 +82,34 @@ def crf_step(rgbs: list[np.ndarray], stacks: torch.Tensor, counts: list[int], ru
     return out.to(stacks.device)
 
 
+def walk_stacks(stacks: torch.Tensor, sizes: list[tuple[int, int]], affinities: list, p: RefineParams,
+                runs: int, renormalise: bool) -> torch.Tensor:
+    """``random_walk`` on every image's own pixels: (B, runs·(P+1), H, W) → same. ``affinities``: per image
+    (affinity (N, N) array, (h, w) token grid), or None (an image whose row has none is left as it is)."""
+    from models.affinity import propagate
+
+    out = stacks.clone()
+    for b, ((h, w), entry) in enumerate(zip(sizes, affinities)):
+        if entry is None:
+            continue
+        affinity, grid = entry
+        walked = propagate(stacks[b, :, :h, :w], torch.as_tensor(affinity, device=stacks.device), grid,
+                           p.rw_radius, p.rw_power, p.rw_eps)
+        if renormalise:  # probabilities: every run's planes sum to 1 again (T's rows sum to less than 1)
+            walked = walked.view(runs, -1, h, w)
+            walked = (walked / walked.sum(dim=1, keepdim=True).clamp(min=1e-12)).view(-1, h, w)
+        out[b, :, :h, :w] = walked
+    return out
+
+
 def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[list[int]], p: RefineParams,
-                 device: torch.device) -> list[tuple[np.ndarray, float]]:
-    """(mask (h, w) uint8, confidence) per image at working size; rgbs are (h, w, 3) uint8 at working size."""
+                 device: torch.device, extras: list[dict] | None = None) -> list[tuple[np.ndarray, float]]:
+    """(mask (h, w) uint8, confidence) per image at working size; rgbs are (h, w, 3) uint8 at working size.
+
+    ``extras``: per image {"fg": (ch, cw) array or None, "affinity": ((N, N) array, grid) or None}, the seed
+    method columns that ``fg_prior`` and ``random_walk`` read.
+    """
+    extras = extras or [{} for _ in rgbs]
     sizes = [rgb.shape[:2] for rgb in rgbs]
     height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
     slots = max(1, max(len(c) for c in classes))
@@ -80,24 +120,47 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
     slot_to_label = torch.zeros(batch, slots + 1, dtype=torch.long)  # slot 0 = background
     for b, ((h, w), rgb, cam, ids) in enumerate(zip(sizes, rgbs, cams, classes)):
         if len(ids):
-            cam = F.interpolate(torch.from_numpy(cam)[None], size=(h, w), mode="bilinear", align_corners=False)
-            cam_t[b, : len(ids), :h, :w] = cam[0]
+            cam = F.interpolate(torch.from_numpy(cam)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            if "fg_prior" in p.methods:
+                fg = extras[b].get("fg")
+                if fg is None:
+                    raise ValueError("refine.methods: fg_prior needs the CAM shards' fg column (use_trt)")
+                fg = F.interpolate(torch.from_numpy(fg)[None, None], size=(h, w), mode="bilinear",
+                                   align_corners=False)[0, 0]
+                cam = fg_prior(cam, fg, p.fg_power)
+            cam_t[b, : len(ids), :h, :w] = cam
             slot_to_label[b, 1: len(ids) + 1] = torch.tensor(ids)
         images[b, :, :h, :w] = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0
         valid[b, :h, :w] = True
     present = (slot_to_label[:, 1:] > 0).float()  # (B, P)
     cam_t, images, valid, present = (t.to(device) for t in (cam_t, images, valid, present))
     backgrounds = (p.high, p.low) if p.ignore_band else (p.bkg,)
-    # ToCo's order when PAR comes first: resize CAMs to PAR's working resolution, then softmax
-    size = working_size(height, width, p.par_scale) if p.methods[:1] == ("par",) else None
-    stacks = torch.cat([cams_with_background(cam_t, present, t, size) for t in backgrounds], dim=1)
-    for method in p.methods:  # (B, runs * (P+1), H, W) -> same
+    runs = len(backgrounds)
+    methods = [m for m in p.methods if m != "fg_prior"]  # the methods that map stacks to stacks
+    affinities = [e.get("affinity") for e in extras]
+    if "random_walk" in methods and any(a is None for a in affinities):
+        raise ValueError("refine.methods: random_walk needs the CAM shards' affinity column (use_afa)")
+    if methods[:1] == ["random_walk"]:  # AFA's order: walk the raw [background, CAMs] values, then softmax
+        raw = torch.cat([torch.cat([cam_t.new_full((batch, 1, height, width), t), cam_t], dim=1)
+                         for t in backgrounds], dim=1)
+        raw = walk_stacks(raw, sizes, affinities, p, runs, renormalise=False)
+        keep = torch.cat([present.new_ones(batch, 1), present], dim=1).bool()[:, :, None, None]
+        stacks = torch.cat([r.masked_fill(~keep, float("-inf")).softmax(dim=1)
+                            for r in raw.view(batch, runs, slots + 1, height, width).unbind(1)], dim=1)
+        methods = methods[1:]
+    else:
+        # ToCo's order when PAR comes first: resize CAMs to PAR's working resolution, then softmax
+        size = working_size(height, width, p.par_scale) if methods[:1] == ["par"] else None
+        stacks = torch.cat([cams_with_background(cam_t, present, t, size) for t in backgrounds], dim=1)
+    for method in methods:  # (B, runs * (P+1), H, W) -> same
         if method == "par":
             stacks = refine_with_par(images, stacks, par_config(p), valid)
         elif method == "crf":
-            stacks = crf_step(rgbs, stacks, [len(c) for c in classes], len(backgrounds), crf_config(p))
-        elif method == "random_walk":  # hook for AFA: affinity random walk on the stacks (needs its head)
-            check_methods((method,))
+            stacks = crf_step(rgbs, stacks, [len(c) for c in classes], runs, crf_config(p))
+        elif method == "random_walk":
+            if stacks.shape[-2:] != (height, width):
+                stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
+            stacks = walk_stacks(stacks, sizes, affinities, p, runs, renormalise=True)
     if stacks.shape[-2:] != (height, width):
         stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
     runs = stacks.view(batch, len(backgrounds), slots + 1, height, width).cpu()

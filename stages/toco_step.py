@@ -18,7 +18,8 @@ from torch import nn
 from models.backbone import patch_stride
 from models.cam import cam_to_size, cams_at_tokens, multiscale_cam, normalise_cams, valid_at_tokens
 from models.ctc import ViewAugConfig, augment_view, region_from_labels, sample_local_crops
-from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, ptc_loss
+from models.affinity import affinity_loss, affinity_targets
+from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, pcl_loss, ptc_loss
 from models.par import ParConfig
 from models.pseudo import ThresholdConfig, label_ignore_middle, online_pseudo_labels
 from models.toco import ToCo
@@ -44,6 +45,13 @@ class StepConfig:
     cam_scales: tuple[float, ...]
     local_crops: int
     local_crop_size: int
+    use_pcl: bool = False
+    pcl_weight: float = 0.2
+    use_afa: bool = False
+    afa_weight: float = 0.1
+    afa_radius: int = 8
+    use_trt: bool = False
+    trt_weight: float = 1.0
 
 
 class ToCoTrainer(nn.Module):
@@ -106,13 +114,30 @@ class ToCoTrainer(nn.Module):
         else:
             losses["ctc"] = zero
 
-        if run_seg:
-            final_cam = self._cam(out["tokens"][:B], "final", x, labels, valid)
-            pseudo = online_pseudo_labels(final_cam, labels, denormalize(x), cfg.thresholds, cfg.par, valid)
-            losses["seg"] = balanced_seg_loss(out["seg"][:B], pseudo)
+        # AFA's affinity loss, like the segmentation head, learns from the PAR-refined online pseudo labels
+        run_afa = cfg.use_afa and step >= cfg.seg_start_iter
+        final_cam = self._cam(out["tokens"][:B], "final", x, labels, valid) if (run_seg or run_afa or cfg.use_pcl) \
+            else None
+        pseudo = online_pseudo_labels(final_cam, labels, denormalize(x), cfg.thresholds, cfg.par, valid) \
+            if (run_seg or run_afa) else None
+        losses["seg"] = balanced_seg_loss(out["seg"][:B], pseudo) if run_seg else zero
+        grid = out["tokens"].shape[-2:]
+        if run_afa:
+            token_pseudo = F.interpolate(pseudo[:, None].float(), size=grid, mode="nearest")[:, 0].long()
+            losses["afa"] = affinity_loss(out["affinity_logits"][:B], affinity_targets(token_pseudo, cfg.afa_radius))
         else:
-            losses["seg"] = zero
+            losses["afa"] = zero
+        if cfg.use_pcl:  # APC: token labels from the final CAM (ignore-middle), signed-cosine contrast
+            token_labels = label_ignore_middle(cams_at_tokens(final_cam, grid), labels, cfg.thresholds.high,
+                                               cfg.thresholds.low, IGNORE)
+            token_labels = token_labels.masked_fill(~valid_at_tokens(valid, grid), IGNORE)
+            losses["pcl"] = pcl_loss(out["tokens"][:B], token_labels)
+        else:
+            losses["pcl"] = zero
+        losses["trt"] = multilabel_cls_loss(out["trt_logits"][:B], labels) if cfg.use_trt else zero
 
         losses["total"] = (losses["cls"] + cfg.aux_weight * losses["aux"] + cfg.ptc_weight * losses["ptc"]
-                           + cfg.ctc_weight * losses["ctc"] + cfg.seg_weight * losses["seg"])
+                           + cfg.ctc_weight * losses["ctc"] + cfg.seg_weight * losses["seg"]
+                           + cfg.afa_weight * losses["afa"] + cfg.pcl_weight * losses["pcl"]
+                           + cfg.trt_weight * losses["trt"])
         return losses

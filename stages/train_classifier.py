@@ -61,7 +61,9 @@ def step_config(p: ClassifierParams) -> StepConfig:
         ptc_weight=p.ptc_weight, ctc_weight=p.ctc_weight, seg_weight=p.seg_weight,
         seg_start_iter=p.seg_start_iter, ctc_temperature=p.ctc_temperature,
         thresholds=ThresholdConfig(p.bkg_threshold, p.high_threshold, p.low_threshold), par=ParConfig(),
-        cam_scales=p.cam_scales, local_crops=p.local_crops, local_crop_size=p.local_crop_size)
+        cam_scales=p.cam_scales, local_crops=p.local_crops, local_crop_size=p.local_crop_size,
+        use_pcl=p.use_pcl, pcl_weight=p.pcl_weight, use_afa=p.use_afa, afa_weight=p.afa_weight,
+        afa_radius=p.afa_radius, use_trt=p.use_trt, trt_weight=p.trt_weight)
 
 
 def batches(rows: np.ndarray, index: RowIndex, *, seed: int, batch: int, start: int, rank: int,
@@ -136,8 +138,10 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     bar = tqdm(total=p.iterations, initial=step, desc="train_classifier", unit="step",
                disable=not (progress and env.is_main))
     seen, tick = 0, time.perf_counter()
+    step_seconds, steps_timed = 0.0, 0  # optimizer steps only (no evaluation, no checkpoint): metrics' s/step
     model.train()
     while step < p.iterations:
+        started = time.perf_counter()
         for micro in range(p.grad_accum):
             batch = next(data)
             last = micro == p.grad_accum - 1
@@ -152,6 +156,8 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
         optimizer.zero_grad(set_to_none=True)
         model.update_teacher()
         step += 1
+        step_seconds += time.perf_counter() - started
+        steps_timed += 1
         bar.update(1)
         if step % p.log_every == 0 and live is not None:
             elapsed = time.perf_counter() - tick
@@ -190,6 +196,8 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
             result = evaluate_classifier(model, val_set, classes, scales=p.eval_cam_scales, device=env.device,
                                          autocast=env.autocast(p.bf16), progress=progress)
         result["iterations"] = p.iterations
+        if steps_timed:
+            result["seconds_per_step"] = round(step_seconds / steps_timed, 4)
         if metrics_path is not None:
             curve = result.pop("curve", [])
             atomic_write_json(metrics_path, result)

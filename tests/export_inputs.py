@@ -2,7 +2,8 @@
 
 ``write_inputs(root)`` makes ``root/pseudo_labels`` (refine's layout: ``<split>-NNNNN.parquet`` + ``index.json``
 with confusion matrices), ``root/manifest/classes.json`` and ``root/metrics/pseudo_labels.json``. Images are a
-mix of PNG and JPEG, 40-64 px; masks hold boxes of classes 1..3, a 255 band on their outlines and scattered 255s.
+mix of PNG and JPEG, 40-64 px; masks hold boxes of classes 1..3, a 255 band on their outlines and scattered 255s;
+the ``boxes`` column is refine's: ``mask_boxes`` of the mask with ``BOX_MIN_PIXELS``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from shards.boxes import mask_boxes
 from shards.images import encode_mask
 from shards.io import ShardSet, atomic_write_json
 from shards.metrics import ConfusionMatrix
@@ -25,6 +27,7 @@ CLASS_NAMES = ["background", "disc", "box", "bar"]
 PRODUCER = {"stage": "refine", "code_version": "c0de", "params_fingerprint": "f00d",
             "model_fingerprint": "classifier-fp-1234"}
 SPLITS = {"train": 7, "val": 3}
+BOX_MIN_PIXELS = 4  # refine's default is 16; these masks are small (40-64 px)
 
 
 def synthetic_row(rng: np.random.Generator, image_id: str, split: str, index: int) -> tuple[dict, np.ndarray]:
@@ -49,7 +52,8 @@ def synthetic_row(rng: np.random.Generator, image_id: str, split: str, index: in
            "image": {"bytes": buffer.getvalue(), "path": f"{image_id}.{'png' if fmt == 'PNG' else 'jpg'}"},
            "mask": {"bytes": encode_mask(mask, voc_palette()), "path": f"{image_id}.png"},
            "labels": labels, "tag_source": "given" if index % 3 else "predicted", "height": height, "width": width,
-           "ignore_fraction": ignore_fraction, "confidence": float(rng.uniform(0.5, 1.0)), "pixels": pixels}
+           "ignore_fraction": ignore_fraction, "confidence": float(rng.uniform(0.5, 1.0)), "pixels": pixels,
+           "boxes": mask_boxes(mask, len(CLASS_NAMES), min_pixels=BOX_MIN_PIXELS)}
     return row, truth
 
 

@@ -11,7 +11,8 @@ from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_cams
 from shards.images import encode_mask
 from shards.io import ShardSet, read_metadata
 from shards.metrics import ConfusionMatrix
-from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema, read_mask
+from shards.pseudo_labels import (PSEUDO_LABEL_SCHEMA, mask_stats, pseudo_label_metrics, pseudo_label_schema,
+                                  read_mask)
 from shards.records import voc_palette
 
 NAMES = ["background", "cat", "dog", "cow"]
@@ -83,7 +84,8 @@ def test_pseudo_label_rows_round_trip_and_metrics(tmp_path):
     row = {"image_id": "a", "split": "train", "image": {"bytes": b"jpeg", "path": "a.jpg"},
            "mask": {"bytes": encode_mask(mask, palette), "path": "a.png"}, "labels": [2], "tag_source": "given",
            "height": 6, "width": 8, "ignore_fraction": float(np.float32(ignore_fraction)), "confidence": 0.75,
-           "pixels": pixels}  # float32 columns
+           "pixels": pixels,  # float32 columns
+           "boxes": [{"label": 2, "x0": 2, "y0": 1, "x1": 6, "y1": 4, "pixels": 12}]}  # the class-2 block
     schema = pseudo_label_schema(NAMES, palette, PRODUCER, methods=("par", "crf"))
     gt = mask.copy()
     gt[5] = 0
@@ -108,3 +110,6 @@ def test_hugging_face_reads_images_masks_and_class_names():
     assert isinstance(features["image"], datasets.Image) and isinstance(features["mask"], datasets.Image)
     labels = features["labels"].feature  # the metadata is used only where its arrow type matches the column's
     assert isinstance(labels, datasets.ClassLabel) and labels.int2str(2) == "dog"
+    boxes = features["boxes"].feature  # a list of dicts, not the struct of lists a dict Sequence would be
+    assert isinstance(boxes["label"], datasets.ClassLabel) and boxes["label"].int2str(2) == "dog"
+    assert features.arrow_schema.field("boxes").type == PSEUDO_LABEL_SCHEMA.field("boxes").type

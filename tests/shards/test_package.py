@@ -4,6 +4,7 @@ import io
 import json
 import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +13,8 @@ import yaml
 from PIL import Image
 
 from shards.images import decode_mask, decode_mask_png
-from shards.package import CHECKSUMS_NAME, PackageError, read_checksums, verify_package, write_checksums
+from shards.package import (CHECKSUMS_NAME, PackageError, read_checksums, verify_package, voc_annotation_xml,
+                            write_checksums)
 from shards.readers import open_source
 from shards.records import voc_palette
 from stages import export
@@ -39,7 +41,9 @@ def test_load_dataset_round_trip_keeps_images_masks_255_and_class_names(package,
     features = loaded["train"].features
     assert type(features["image"]).__name__ == type(features["mask"]).__name__ == "Image"
     assert features["labels"].feature.names == CLASS_NAMES
-    seen_ignore = False
+    assert features["boxes"].feature["label"].names == CLASS_NAMES  # box labels decode as class names too
+    assert features["boxes"].feature["x0"].dtype == "int32" and features["boxes"].feature["pixels"].dtype == "int64"
+    seen_ignore, boxes = False, 0
     for split in ("train", "val"):
         for row in loaded[split]:
             original = source[row["image_id"]]
@@ -51,7 +55,10 @@ def test_load_dataset_round_trip_keeps_images_masks_255_and_class_names(package,
             np.testing.assert_array_equal(mask, decode_mask_png(original["mask"]["bytes"]))
             seen_ignore |= bool((mask == 255).any())
             assert row["labels"] == original["labels"]
+            assert row["boxes"] == original["boxes"]  # a list of {label, x0, y0, x1, y1, pixels} dicts
+            boxes += len(row["boxes"])
     assert seen_ignore, "the synthetic masks carry 255 pixels; they must survive the round trip"
+    assert boxes >= 10, "every synthetic mask holds at least one box"
     named = loaded["train"].features["labels"].feature.int2str(loaded["train"][0]["labels"])
     assert named == [CLASS_NAMES[i] for i in source[loaded["train"][0]["image_id"]]["labels"]]
 
@@ -72,6 +79,46 @@ def test_voc_folder_reads_back_in_the_projects_voc_reader_with_identical_masks(p
                            palette=voc_palette())
         np.testing.assert_array_equal(mask, decode_mask_png(original["mask"]["bytes"]))
         assert list(record.tags) == original["labels"]
+
+
+def voc_objects(path) -> list[dict]:
+    """The objects of a VOC annotation XML, as ``boxes`` dicts (VOC's 1-based inclusive ends made 0-based exclusive)."""
+    objects = []
+    for node in ET.parse(path).getroot().findall("object"):
+        bndbox = {key: int(node.findtext(f"bndbox/{key}")) for key in ("xmin", "ymin", "xmax", "ymax")}
+        objects.append({"label": CLASS_NAMES.index(node.findtext("name")), "x0": bndbox["xmin"] - 1,
+                        "y0": bndbox["ymin"] - 1, "x1": bndbox["xmax"], "y1": bndbox["ymax"]})
+    return objects
+
+
+def test_voc_annotations_round_trip_to_the_boxes_and_give_the_xml_tags(package):
+    folder, source, _ = package
+    sums = read_checksums(folder)
+    for image_id, original in source.items():
+        path = folder / "voc" / "Annotations" / f"{image_id}.xml"
+        assert f"voc/Annotations/{image_id}.xml" in sums
+        assert voc_objects(path) == [{k: v for k, v in b.items() if k != "pixels"} for b in original["boxes"]]
+        root = ET.parse(path).getroot()
+        assert (int(root.findtext("size/width")), int(root.findtext("size/height"))) == (original["width"],
+                                                                                       original["height"])
+        assert (folder / "voc" / "JPEGImages" / root.findtext("filename")).is_file()
+    _, records = open_source("voc", folder / "voc", splits=("train", "val"), tags_from="xml")
+    records = list(records)
+    assert len(records) == len(source)
+    for record in records:  # the project's own VOC reader takes the objects' names as tags
+        assert record.tag_source == "xml"
+        assert list(record.tags) == sorted({b["label"] for b in source[record.image_id]["boxes"]})
+
+
+def test_voc_annotation_of_no_boxes_and_of_a_box_on_the_border():
+    empty = ET.fromstring(voc_annotation_xml("a.png", 6, 8, [], CLASS_NAMES))
+    assert empty.findall("object") == [] and empty.findtext("filename") == "a.png"
+    whole = {"label": 2, "x0": 0, "y0": 1, "x1": 8, "y1": 5, "pixels": 20}  # spans the width: truncated
+    inner = {"label": 3, "x0": 1, "y0": 1, "x1": 3, "y1": 2, "pixels": 2}
+    root = ET.fromstring(voc_annotation_xml("b.jpg", 6, 8, [whole, inner], CLASS_NAMES))
+    assert [(o.findtext("name"), o.findtext("truncated")) for o in root.findall("object")] == [("box", "1"),
+                                                                                               ("bar", "0")]
+    assert [root.findtext(f"object/bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")] == ["1", "2", "8", "5"]
 
 
 def test_shards_are_sized_by_params_and_checksums_follow_coreutils(package):

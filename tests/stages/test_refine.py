@@ -14,6 +14,7 @@ pytest.importorskip("pydensecrf.densecrf")
 
 from models.par import ParConfig  # noqa: E402
 from models.pseudo import ThresholdConfig, online_pseudo_labels  # noqa: E402
+from shards.boxes import mask_boxes  # noqa: E402
 from shards.cams import decode_cams  # noqa: E402
 from shards.io import ShardSet, read_metadata  # noqa: E402
 from shards.pseudo_labels import read_mask  # noqa: E402
@@ -56,13 +57,18 @@ def test_default_chain_rows_schema_and_stats(inputs):
     assert features["image"]["_type"] == features["mask"]["_type"] == "Image"
     assert features["labels"]["feature"]["names"] == meta["class_names"]
     truth = {r["image_id"]: r for r in rows_of(manifest)}
+    p, boxed = RefineParams(), 0
     for row in rows_of(root / "pseudo"):
         mask = read_mask(row)
         assert mask.shape == (row["height"], row["width"])
+        assert row["boxes"] == mask_boxes(mask, len(meta["class_names"]), min_pixels=p.box_min_pixels,
+                                          connectivity=p.box_connectivity)
+        boxed += len(row["boxes"])
         assert set(np.unique(mask).tolist()) <= {0, 255, *row["labels"]}
         assert row["image"] == truth[row["image_id"]]["image"]  # copied from the manifest
         assert sum(row["pixels"]) + round(row["ignore_fraction"] * mask.size) == mask.size
         assert len(row["pixels"]) == len(meta["class_names"]) and 0.0 <= row["confidence"] <= 1.0
+    assert boxed > 0  # the shapes images have objects: boxes were found, not just compared empty
 
 
 def test_empty_chain_is_the_ignore_middle_rule(inputs, tmp_path):
@@ -70,6 +76,7 @@ def test_empty_chain_is_the_ignore_middle_rule(inputs, tmp_path):
     refine.run(make_params(methods=()), root / "cams", manifest, tmp_path, progress=False)
     for cam_row, row in zip(rows_of(root / "cams"), rows_of(tmp_path)):
         if not cam_row["classes"]:  # tagged with no foreground class: all background
+            assert row["boxes"] == []
             assert not read_mask(row).any()
             continue
         cam = F.interpolate(torch.from_numpy(decode_cams(cam_row))[None], size=(row["height"], row["width"]),
@@ -161,7 +168,22 @@ def test_metrics_and_overlays(inputs):
         assert image.width > 3 * image.height  # four panels side by side
 
 
-def test_random_walk_is_refused_with_a_clear_message(inputs, tmp_path):
+@pytest.mark.parametrize("method, column", [("random_walk", "affinity"), ("fg_prior", "fg")])
+def test_seed_methods_without_their_column_stop_before_any_work(inputs, tmp_path, method, column):
     root, manifest, _ = inputs
-    with pytest.raises(ValueError, match="affinity head"):
-        refine.run(make_params(methods=("par", "random_walk")), root / "cams", manifest, tmp_path, progress=False)
+    with pytest.raises(ValueError, match=f"{method} needs the CAM column '{column}'.*use_"):
+        refine.run(make_params(methods=(method, "par")), root / "cams", manifest, tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.parquet"))  # nothing was written
+
+
+def test_box_params_decide_the_boxes_and_the_shard_fingerprint(inputs, tmp_path):
+    root, manifest, _ = inputs
+    first = refine.run(make_params(methods=()), root / "cams", manifest, tmp_path, progress=False)
+    default_boxes = [row["boxes"] for row in rows_of(tmp_path)]
+    changed = refine.run(make_params(methods=(), box_min_pixels=1, box_connectivity=4), root / "cams", manifest,
+                         tmp_path, progress=False)
+    assert len(first["computed"]) == len(changed["computed"]) == 3  # box params are not report-only
+    rows, num_classes = rows_of(tmp_path), len(read_metadata(tmp_path / "val-00000.parquet")["class_names"])
+    for row in rows:
+        assert row["boxes"] == mask_boxes(read_mask(row), num_classes, min_pixels=1, connectivity=4)
+    assert sum(map(len, (row["boxes"] for row in rows))) > sum(map(len, default_boxes))  # specks now count
