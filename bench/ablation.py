@@ -35,12 +35,15 @@ VARIANTS: dict[str, dict] = {
     "apc": {"pooling": "akp", "use_pcl": True},
     "trt": {"use_trt": True},
 }
-CHAINS: dict[str, list[list[str]]] = {
+# A chain is refine.methods, or a dict of refine overrides with its methods (other thresholds, ...).
+CHAINS: dict[str, list[list[str] | dict]] = {
     "toco": [[], ["par"], ["crf"], ["par", "crf"]],
     "vit_cam": [[], ["par", "crf"]],
-    "afa": [["par", "crf"], ["random_walk"], ["random_walk", "par", "crf"]],
+    "afa": [["par", "crf"], ["random_walk"], ["random_walk", "par", "crf"],
+            {"methods": ["random_walk", "par", "crf"], "high": 0.55, "low": 0.35}],  # AFA's own thresholds
     "apc": [[], ["par", "crf"]],
-    "trt": [["par", "crf"], ["fg_prior"], ["fg_prior", "par", "crf"]],
+    "trt": [[], ["par", "crf"], ["fg_prior"], {"methods": ["fg_prior"], "fg_power": 0.25}, ["fg_prior", "par", "crf"],
+            {"methods": ["fg_prior", "par", "crf"], "fg_power": 0.25}],
 }
 
 
@@ -93,17 +96,22 @@ def run_variant(name: str, out: Path, manifest: Path, times: dict, from_dvc: boo
     classifier = json.loads((work / "classifier.json").read_text())
     cams = json.loads((work / "cams.json").read_text())
     rows = []
-    for chain in CHAINS[name]:
+    for spec in CHAINS[name]:
+        overrides = dict(spec) if isinstance(spec, dict) else {"methods": spec}
+        chain = overrides["methods"]
+        extra = {k: v for k, v in overrides.items() if k != "methods"}
         tag = "+".join(chain) or "cam"
+        tag += "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
         run_dir = work / f"refine_{tag}"
-        run_params = write_params(run_dir / "params.yaml", VARIANTS[name], {"methods": chain, "overlays": 0})
+        run_params = write_params(run_dir / "params.yaml", VARIANTS[name], {**overrides, "overlays": 0})
         t = step(["stages.refine", "--params", str(run_params), "--cams", str(work / "cams"), "--manifest",
                   str(manifest), "--out", str(run_dir / "pseudo_labels"), "--metrics",
                   str(run_dir / "pseudo_labels.json"), "--overlays", str(run_dir / "overlays")],
                  run_dir / "pseudo_labels.json", run_dir / "refine.log")
         times[name][f"refine {tag}"] = t
         pseudo = json.loads((run_dir / "pseudo_labels.json").read_text())
-        rows.append({"classifier": name, "methods": "[" + ", ".join(chain) + "]", "f1": classifier.get("f1"),
+        label = "[" + ", ".join(chain) + "]" + "".join(f" {k} {v}" for k, v in sorted(extra.items()))
+        rows.append({"classifier": name, "methods": label, "f1": classifier.get("f1"),
                      "step_s": classifier.get("seconds_per_step"),
                      "cam_miou": cams.get("miou"), "cam_best": cams.get("best_miou"),
                      "cam_best_threshold": cams.get("best_threshold"), "miou": pseudo.get("miou"),

@@ -9,7 +9,8 @@
    patch tokens only; the attended feature feeds a linear classifier trained with the multi-label loss, so the
    re-attention learns which kept tokens carry the object.
 4. Map (:func:`foreground_map`): re-attention scores on kept tokens, scaled to the preliminary mass of the kept
-   set (so the two parts are commensurate), the preliminary attention elsewhere; min-max to [0, 1] per image.
+   set (so the two parts are commensurate), the preliminary attention elsewhere; each token's value is then
+   1 − the share of that attention held by the tokens ranked above it (1 at the top, ~0 on the background tail).
 """
 
 from __future__ import annotations
@@ -68,15 +69,22 @@ class ReAttention(nn.Module):
         return self.classifier(feature), attn.float().mean(dim=1)
 
 
-def foreground_map(preliminary: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int],
-                   eps: float = 1e-5) -> torch.Tensor:
-    """(B, 1, h, w) in [0, 1]: re-attention on kept tokens (× their preliminary mass), preliminary elsewhere."""
+def foreground_map(preliminary: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int]
+                   ) -> torch.Tensor:
+    """(B, 1, h, w) in [0, 1]: the merged attention as "1 − the attention mass ranked above this token".
+
+    Merged attention: re-attention scores on kept tokens (× their preliminary mass, so both parts are shares of
+    one distribution), the preliminary attention elsewhere. Attention is peaky (a few tokens hold most of it), so a
+    min-max map would be ~0 on most of an object; the mass rank instead gives the top token 1, a token that closes
+    the top-θ set 1 − θ, and the long tail of background tokens ~0: the same cumulative mass that selects tokens.
+    """
     mass = (preliminary * keep).sum(dim=1, keepdim=True)  # (B, 1)
     merged = torch.where(keep, scores * mass, preliminary)
-    low = merged.amin(dim=1, keepdim=True)
-    high = merged.amax(dim=1, keepdim=True)
-    merged = (merged - low) / (high - low + eps)
-    return merged.view(-1, 1, *grid)
+    merged = merged / merged.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    values, order = merged.sort(dim=1, descending=True)
+    above = values.cumsum(dim=1) - values  # mass of the tokens ranked above each one
+    fg = torch.empty_like(values).scatter_(1, order, (1.0 - above).clamp(0.0, 1.0))
+    return fg.view(-1, 1, *grid)
 
 
 def fg_prior(cams: torch.Tensor, fg: torch.Tensor, power: float = 1.0, eps: float = 1e-5) -> torch.Tensor:

@@ -61,3 +61,16 @@ def test_dvc_repro_through_evaluate_then_a_refine_change_reruns_only_what_follow
     ran = {line.split("'")[1] for line in again.splitlines() if line.startswith("Running stage")}
     assert {"refine", "train_segmenter", "evaluate"} <= ran, again[-2000:]
     assert not {"shapes", "prepare", "train_classifier", "dump_cams"} & ran, again[-2000:]
+
+    # The seed-method options (AFA, APC, TRT) with one `dvc exp run -S ...`: classifier, CAMs and refine rerun, and
+    # the CAM shards carry the fg map and the affinity that refine's fg_prior and random_walk read.
+    exp = run(["dvc", "exp", "run", "-S", "train_classifier.use_afa=true", "-S", "train_classifier.use_trt=true",
+               "-S", "train_classifier.pooling=akp", "-S", "train_classifier.use_pcl=true",
+               "-S", "refine.methods=[fg_prior,random_walk,par,crf]"], project).stdout
+    ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage")}
+    assert {"train_classifier", "dump_cams", "refine", "evaluate"} <= ran, exp[-2000:]
+    row = pq.read_table(project / "data/cams/train-00000.parquet").slice(0, 1).to_pylist()[0]
+    assert row["fg"] is not None and row["affinity"] is not None
+    pseudo = json.loads((project / "metrics/pseudo_labels.json").read_text())
+    assert pseudo["methods"] == ["fg_prior", "random_walk", "par", "crf"]
+    assert "seconds_per_step" in json.loads((project / "metrics/classifier.json").read_text())

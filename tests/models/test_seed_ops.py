@@ -173,10 +173,12 @@ def test_preliminary_attention_and_foreground_map_by_hand():
     keep = torch.tensor([[True, True, False]])
     scores = torch.tensor([[0.75, 0.25, 0.0]])
     fg = foreground_map(prelim, scores, keep, (1, 3))
-    mass = float(prelim[0, :2].sum())
-    merged = torch.tensor([0.75 * mass, 0.25 * mass, float(prelim[0, 2])])
-    expected = (merged - merged.min()) / (merged.max() - merged.min() + 1e-5)
-    assert fg.shape == (1, 1, 1, 3) and torch.allclose(fg.flatten(), expected)
+    # merged: [0.75, 0.25] x kept mass 0.9474 on the kept tokens, 0.0526 on the other: [0.7105, 0.2368, 0.0526]
+    # -> 1 - mass ranked above: [1, 1 - 0.7105, 1 - 0.7105 - 0.2368]
+    assert fg.shape == (1, 1, 1, 3)
+    assert torch.allclose(fg.flatten(), torch.tensor([1.0, 1 - 0.75 * 18 / 19, 1 / 19]), atol=1e-6)
+    swapped = foreground_map(prelim, torch.tensor([[0.25, 0.75, 0.0]]), keep, (1, 3))
+    assert torch.allclose(swapped.flatten(), torch.tensor([1 - 0.75 * 18 / 19, 1.0, 1 / 19]), atol=1e-6)
 
 
 def test_reattention_ignores_tokens_that_were_not_kept():

@@ -1,5 +1,6 @@
 """The AFA / APC / TRT options through the stages: train_classifier -> dump_cams -> refine (tiny preset)."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,17 @@ def test_dump_stores_fg_and_affinity_of_the_image_tokens(trained):
         assert affinity.shape == (grid[0] * grid[1],) * 2
         assert np.allclose(affinity, affinity.T, atol=1 / 255)  # AFA's head is symmetric
         assert decode_cams(row).shape[0] == len(row["classes"])
+
+
+def test_affinity_is_the_same_whether_tags_come_from_the_scale_1_pass_or_their_own(trained, tmp_path):
+    """predict_size != image_size: tags from their own pass, the affinity from the multi-scale CAM's scale 1."""
+    root, params, _, _ = trained
+    other = dataclasses.replace(params, dump_cams=dataclasses.replace(params.dump_cams, predict_size=48))
+    dump_cams.run(other, root / "manifest", root / "classifier", tmp_path, progress=False)
+    for a, b in zip(rows(root / "cams"), rows(tmp_path)):
+        assert decode_affinity(a)[1] == decode_affinity(b)[1]
+        assert np.abs(decode_affinity(a)[0] - decode_affinity(b)[0]).max() <= 1 / 255 + 1e-6
+        assert np.abs(decode_fg(a) - decode_fg(b)).max() < 2e-3
 
 
 def test_default_classifier_dumps_no_seed_columns(tmp_path):
