@@ -80,11 +80,15 @@ class ConfusionMatrix:
         def pct(x: float) -> float | None:
             return None if np.isnan(x) else round(100.0 * float(x), 2)
 
+        def mean(values: np.ndarray) -> float | None:  # None, not a RuntimeWarning, when every value is NaN
+            values = values[present & ~np.isnan(values)]
+            return pct(float(values.mean())) if values.size else None
+
         return {
             "miou": pct(self.miou()),
             "coverage": None if np.isnan(self.coverage()) else round(self.coverage(), 4),
-            "precision": pct(float(np.nanmean(precision[present]))) if present.any() else None,
-            "recall": pct(float(np.nanmean(recall[present]))) if present.any() else None,
+            "precision": mean(precision),
+            "recall": mean(recall),
             "per_class": {
                 names[k]: {"iou": pct(iou[k]), "precision": pct(precision[k]), "recall": pct(recall[k])}
                 for k in range(self.num_classes)
