@@ -3,6 +3,7 @@
     python bench/ablation.py --out /tmp/ablation            # about 80 min on a 2-core CPU for the embedded default
     python bench/ablation.py --out /tmp/ablation --only afa   # one classifier variant (repeat --only for more)
     python bench/ablation.py --out /tmp/ablation --from-dvc   # ToCo's classifier and CAMs from `dvc repro`
+    python bench/ablation.py --out /tmp/seed1 --seed 1 --only toco --only afa --chain par+crf  # a seed repeat
 
 Classifier variants (``train_classifier`` overrides; METHODS.md §1-3): ToCo as in ``params.yaml``; the plain
 ViT-CAM baseline (no auxiliary head, no PTC, no CTC, no segmentation head); ``afa`` (affinity head, refined with
@@ -47,8 +48,14 @@ CHAINS: dict[str, list[list[str] | dict]] = {
 }
 
 
+CHAIN_FILTER: set[str] = set()  # --chain: refine runs to keep, by tag (cam, par+crf, random_walk+par+crf, ...)
+SEED: int | None = None  # --seed: runtime.seed of every run (data order, augmentation, initialisation)
+
+
 def write_params(path: Path, classifier: dict, refine: dict | None = None) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if SEED is not None:
+        params["runtime"]["seed"] = SEED
     params["train_classifier"].update(classifier)
     params["refine"].update(refine or {})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +109,8 @@ def run_variant(name: str, out: Path, manifest: Path, times: dict, from_dvc: boo
         extra = {k: v for k, v in overrides.items() if k != "methods"}
         tag = "+".join(chain) or "cam"
         tag += "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
+        if CHAIN_FILTER and tag not in CHAIN_FILTER:
+            continue
         run_dir = work / f"refine_{tag}"
         run_params = write_params(run_dir / "params.yaml", VARIANTS[name], {**overrides, "overlays": 0})
         t = step(["stages.refine", "--params", str(run_params), "--cams", str(work / "cams"), "--manifest",
@@ -137,7 +146,15 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(VARIANTS), action="append", help="variants to run (default all)")
     parser.add_argument("--from-dvc", action="store_true",
                         help="take the ToCo classifier and CAMs from the DAG's outputs (dvc status must be clean)")
+    parser.add_argument("--seed", type=int, help="runtime.seed of every run (repeat a variant with other seeds)")
+    parser.add_argument("--chain", action="append", default=[],
+                        help="only these refine runs, by tag: cam, par, crf, par+crf, random_walk+par+crf, ...")
     args = parser.parse_args()
+    global SEED
+    SEED = args.seed
+    CHAIN_FILTER.update(args.chain)
+    if args.from_dvc and args.seed is not None:
+        raise SystemExit("--from-dvc reuses the DAG's classifier (params.yaml's seed); drop it with --seed")
     if not (args.manifest / "classes.json").exists():
         raise SystemExit(f"{args.manifest}: no manifest; run `dvc repro prepare` first")
     times: dict = {}

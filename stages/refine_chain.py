@@ -135,7 +135,7 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
     present = (slot_to_label[:, 1:] > 0).float()  # (B, P)
     cam_t, images, valid, present = (t.to(device) for t in (cam_t, images, valid, present))
     backgrounds = (p.high, p.low) if p.ignore_band else (p.bkg,)
-    runs = len(backgrounds)
+    n_runs = len(backgrounds)
     methods = [m for m in p.methods if m != "fg_prior"]  # the methods that map stacks to stacks
     affinities = [e.get("affinity") for e in extras]
     if "random_walk" in methods and any(a is None for a in affinities):
@@ -143,10 +143,10 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
     if methods[:1] == ["random_walk"]:  # AFA's order: walk the raw [background, CAMs] values, then softmax
         raw = torch.cat([torch.cat([cam_t.new_full((batch, 1, height, width), t), cam_t], dim=1)
                          for t in backgrounds], dim=1)
-        raw = walk_stacks(raw, sizes, affinities, p, runs, renormalise=False)
+        raw = walk_stacks(raw, sizes, affinities, p, n_runs, renormalise=False)
         keep = torch.cat([present.new_ones(batch, 1), present], dim=1).bool()[:, :, None, None]
         stacks = torch.cat([r.masked_fill(~keep, float("-inf")).softmax(dim=1)
-                            for r in raw.view(batch, runs, slots + 1, height, width).unbind(1)], dim=1)
+                            for r in raw.view(batch, n_runs, slots + 1, height, width).unbind(1)], dim=1)
         methods = methods[1:]
     else:
         # ToCo's order when PAR comes first: resize CAMs to PAR's working resolution, then softmax
@@ -156,11 +156,11 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
         if method == "par":
             stacks = refine_with_par(images, stacks, par_config(p), valid)
         elif method == "crf":
-            stacks = crf_step(rgbs, stacks, [len(c) for c in classes], runs, crf_config(p))
+            stacks = crf_step(rgbs, stacks, [len(c) for c in classes], n_runs, crf_config(p))
         elif method == "random_walk":
             if stacks.shape[-2:] != (height, width):
                 stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
-            stacks = walk_stacks(stacks, sizes, affinities, p, runs, renormalise=True)
+            stacks = walk_stacks(stacks, sizes, affinities, p, n_runs, renormalise=True)
     if stacks.shape[-2:] != (height, width):
         stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
     runs = stacks.view(batch, len(backgrounds), slots + 1, height, width).cpu()
