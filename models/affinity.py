@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.losses import _mean_or_zero
+
 
 class AffinityHead(nn.Module):
     """sigmoid(1×1 conv over symmetrised raw attention scores): (B, L·H, N, N) → (B, N, N) logits or probs."""
@@ -58,10 +60,7 @@ def affinity_loss(affinity_logits: torch.Tensor, targets: torch.Tensor) -> torch
     with torch.autocast(device_type=affinity_logits.device.type, enabled=False):
         a = affinity_logits.float().sigmoid()
         pos, neg = (targets == 1).float(), (targets == 0).float()
-        zero = a.new_zeros(())
-        pos_term = torch.where(pos.sum() > 0, ((1 - a) * pos).sum() / pos.sum().clamp(min=1), zero)
-        neg_term = torch.where(neg.sum() > 0, (a * neg).sum() / neg.sum().clamp(min=1), zero)
-        return 0.5 * pos_term + 0.5 * neg_term
+        return 0.5 * _mean_or_zero(((1 - a) * pos).sum(), pos.sum()) + 0.5 * _mean_or_zero((a * neg).sum(), neg.sum())
 
 
 def transition_matrix(affinity: torch.Tensor, height: int, width: int, radius: int = 8, power: float = 2.0,

@@ -45,21 +45,34 @@ def label_ignore_middle(cams: torch.Tensor, labels: torch.Tensor, high: float = 
     return torch.where(value > high, label, torch.where(value > low, uncertain, torch.zeros_like(label)))
 
 
-def cams_with_background(cams: torch.Tensor, labels: torch.Tensor, bkg_value: float,
-                         size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Softmax over [constant background plane, CAMs of present classes]: (B, K+1, H', W') fp32.
-
-    Channel 0 is background, channel k the class k; absent classes are exactly 0. `size` resizes the stack
-    (bilinear) *before* the softmax, as the ToCo reference does for its half-resolution PAR input. The -inf
-    mask is applied after resizing: interpolating -inf would give NaN.
-    """
+def background_logits(cams: torch.Tensor, bkg_value: float, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """[constant background plane, CAMs] (B, K+1, H', W') fp32, resized (bilinear) to ``size`` if given."""
     b, k, h, w = cams.shape
     cams = cams.float()
     logits = torch.cat([cams.new_full((b, 1, h, w), bkg_value), cams], dim=1)  # (B, K+1, H, W)
     if size is not None and tuple(size) != (h, w):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return logits
+
+
+def present_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Softmax over background + the classes present in ``labels`` (B, K); absent classes are exactly 0.
+
+    The -inf mask is applied to the final-size logits: interpolating -inf would give NaN.
+    """
+    b = logits.shape[0]
     keep = torch.cat([labels.new_ones(b, 1), labels], dim=1).bool()[:, :, None, None]  # (B, K+1, 1, 1)
     return logits.masked_fill(~keep, float("-inf")).softmax(dim=1)
+
+
+def cams_with_background(cams: torch.Tensor, labels: torch.Tensor, bkg_value: float,
+                         size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Softmax over [constant background plane, CAMs of present classes]: (B, K+1, H', W') fp32.
+
+    Channel 0 is background, channel k the class k; absent classes are exactly 0. `size` resizes the stack
+    (bilinear) *before* the softmax, as the ToCo reference does for its half-resolution PAR input.
+    """
+    return present_softmax(background_logits(cams, bkg_value, size), labels)
 
 
 def present_class_slots(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

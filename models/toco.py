@@ -149,7 +149,6 @@ class ToCo(nn.Module):
         With AFA also ``affinity_logits`` (B, N, N) between the N = h·w patch tokens; with TRT ``fg`` (B, 1, h, w)
         in [0, 1] and the re-attention classifier's ``trt_logits`` (B, K).
         """
-        attention.release(self.afa_blocks + self.trt_blocks)
         final, (aux_tokens,) = self.backbone.forward_intermediates(
             x, indices=[self.aux_index], norm=False, output_fmt="NCHW")  # final: (B, prefix + h*w, C) normed
         B, _, C = final.shape

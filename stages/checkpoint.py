@@ -11,6 +11,7 @@ Final weights are written as safetensors, with the model config as JSON beside t
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shards.io import atomic_path
+
+log = logging.getLogger("checkpoint")
 
 
 def checkpoint_path(folder: str | Path, fingerprint: str) -> Path:
@@ -45,6 +48,30 @@ def prune_other_runs(folder: str | Path, keep: str) -> None:
     for child in folder.iterdir():
         if child.is_dir() and child.name != keep:
             shutil.rmtree(child, ignore_errors=True)
+
+
+def resume(ckpt_dir: str | Path, key: str, model: torch.nn.Module, optimizer, scheduler, *, is_main: bool,
+           generator: torch.Generator | None = None, rank: int = 0) -> tuple[Path, int]:
+    """(checkpoint path, step to start from) of a training run with fingerprint ``key``.
+
+    With a checkpoint there, model, optimizer, scheduler, this rank's ``generator`` and torch's RNG are restored
+    from it; without one, the main process removes the checkpoints of other fingerprints.
+    """
+    ckpt = checkpoint_path(ckpt_dir, key)
+    state = load_checkpoint(ckpt)
+    if state is None:
+        if is_main:
+            prune_other_runs(ckpt_dir, key)
+        return ckpt, 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if generator is not None:
+        generator.set_state(state["generator"][rank])
+    torch.set_rng_state(state["torch_rng"])
+    step = int(state["step"])
+    log.info("resuming from %s at step %d", ckpt, step)
+    return ckpt, step
 
 
 def save_weights(model: torch.nn.Module, folder: str | Path, config: dict[str, Any]) -> None:

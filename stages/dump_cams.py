@@ -191,7 +191,7 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
             affinity = scale1_affinity(model.encode(images), len(rows))
     out = []
     long_side = p.cam_size or p.image_size
-    grid = affinity_grid(model, images.shape[-2:])
+    grid = model.token_grid(hp, wp)  # the padded batch's tokens: the affinity is (grid product)²
     for b, (row, (classes, source)) in enumerate(zip(rows, chosen)):
         ch, cw = resized_size(row["height"], row["width"], long_side)
         h, w = sizes[b]
@@ -219,11 +219,6 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
             row_out.update(affinity=encode_affinity(a.cpu().numpy()), aff_height=th, aff_width=tw)
         out.append(row_out)
     return out
-
-
-def affinity_grid(model: torch.nn.Module, size) -> tuple[int, int]:
-    """Token grid of the padded batch (the affinity's square side is its product)."""
-    return model.token_grid(int(size[0]), int(size[1]))
 
 
 def dump_shard(model: torch.nn.Module, path: Path, p: DumpCamsParams, env: rt.Runtime, bar: tqdm) -> list[dict]:

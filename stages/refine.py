@@ -114,9 +114,10 @@ def first_cam_row(cams_dir: Path) -> dict[str, Any] | None:
     chain whose methods need columns the shards lack before any work."""
     names = sorted(ShardSet(cams_dir).index()) if Path(cams_dir).exists() else []
     for name in names:
-        table = pq.ParquetFile(Path(cams_dir) / name).read()
-        if table.num_rows:
-            row = table.slice(0, 1).to_pylist()[0]
+        shard = pq.ParquetFile(Path(cams_dir) / name)
+        columns = [c for c in ("image_id", "fg", "affinity") if c in shard.schema_arrow.names]
+        for batch in shard.iter_batches(batch_size=1, columns=columns):  # one row, not the shard's affinities
+            row = batch.to_pylist()[0]
             return {k: row.get(k) for k in ("image_id", "fg", "affinity")}
     return None
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from models.par import ParConfig, refine_with_par, working_size
-from models.pseudo import cams_with_background
+from models.affinity import propagate
+from models.pseudo import background_logits, cams_with_background, present_softmax
 from models.trt import fg_prior
 from stages.params import RefineParams
 
@@ -86,8 +87,6 @@ def walk_stacks(stacks: torch.Tensor, sizes: list[tuple[int, int]], affinities: 
                 runs: int, renormalise: bool) -> torch.Tensor:
     """``random_walk`` on every image's own pixels: (B, runs·(P+1), H, W) → same. ``affinities``: per image
     (affinity (N, N) array, (h, w) token grid), or None (an image whose row has none is left as it is)."""
-    from models.affinity import propagate
-
     out = stacks.clone()
     for b, ((h, w), entry) in enumerate(zip(sizes, affinities)):
         if entry is None:
@@ -141,11 +140,9 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
     if "random_walk" in methods and any(a is None for a in affinities):
         raise ValueError("refine.methods: random_walk needs the CAM shards' affinity column (use_afa)")
     if methods[:1] == ["random_walk"]:  # AFA's order: walk the raw [background, CAMs] values, then softmax
-        raw = torch.cat([torch.cat([cam_t.new_full((batch, 1, height, width), t), cam_t], dim=1)
-                         for t in backgrounds], dim=1)
+        raw = torch.cat([background_logits(cam_t, t) for t in backgrounds], dim=1)
         raw = walk_stacks(raw, sizes, affinities, p, n_runs, renormalise=False)
-        keep = torch.cat([present.new_ones(batch, 1), present], dim=1).bool()[:, :, None, None]
-        stacks = torch.cat([r.masked_fill(~keep, float("-inf")).softmax(dim=1)
+        stacks = torch.cat([present_softmax(r, present)
                             for r in raw.view(batch, n_runs, slots + 1, height, width).unbind(1)], dim=1)
         methods = methods[1:]
     else:

@@ -38,7 +38,7 @@ from shards.params import to_dict
 from shards.sampling import RowIndex, block_shuffle
 from stages import runtime as rt
 from stages.cam_eval import evaluate_classifier
-from stages.checkpoint import checkpoint_path, load_checkpoint, prune_other_runs, save_checkpoint, save_weights
+from stages.checkpoint import resume, save_checkpoint, save_weights
 from stages.classifier_model import config_to_json, toco_config
 from stages.data import AugmentConfig, EvalImages, TrainCrops
 from stages.params import ClassifierParams, load_params_or_exit
@@ -110,19 +110,8 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     generator = torch.Generator(device=env.device).manual_seed(params.runtime.seed * 1000 + env.rank)
     key = fingerprint(to_dict(p), code=code_version(("models", "stages", "shards")),
                       inputs=[manifest_dir], extra=[params.runtime.seed, env.world_size])
-    ckpt = checkpoint_path(ckpt_dir, key)
-    step = 0
-    state = load_checkpoint(ckpt)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"][env.rank])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
-        log.info("resuming from %s at step %d", ckpt, step)
-    elif env.is_main:
-        prune_other_runs(ckpt_dir, key)
+    ckpt, step = resume(ckpt_dir, key, model, optimizer, scheduler, is_main=env.is_main, generator=generator,
+                        rank=env.rank)
     wrapped = DistributedDataParallel(trainer, find_unused_parameters=True) if env.distributed else trainer
 
     live = None

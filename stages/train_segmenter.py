@@ -39,7 +39,7 @@ from shards.metrics import ConfusionMatrix
 from shards.params import to_dict
 from shards.sampling import RowIndex
 from stages import runtime as rt
-from stages.checkpoint import checkpoint_path, load_checkpoint, prune_other_runs, save_checkpoint, save_weights
+from stages.checkpoint import resume, save_checkpoint, save_weights
 from stages.params import SegmenterParams, load_params_or_exit
 from stages.segmenter_data import (IGNORE_INDEX, GroundTruthImages, PairAugmentConfig, PseudoLabelCrops,
                                    rows_with_masks)
@@ -105,18 +105,7 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p))
     key = fingerprint(to_dict(p), code=code_version(("models", "stages", "shards")), inputs=[pseudo_dir],
                       extra=[params.runtime.seed, env.world_size])
-    ckpt = checkpoint_path(ckpt_dir, key)
-    step = 0
-    state = load_checkpoint(ckpt)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
-        log.info("resuming from %s at step %d", ckpt, step)
-    elif env.is_main:
-        prune_other_runs(ckpt_dir, key)
+    ckpt, step = resume(ckpt_dir, key, model, optimizer, scheduler, is_main=env.is_main)
     first_step = step
     synced = env.distributed and env.device.type == "cuda"
     if synced:
