@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.crf import (CrfConfig, _infer, _pairwise_crf, _softmax_with_background,  # noqa: E402
+from refinement.crf import (CrfConfig, _infer, _pairwise_crf, _softmax_with_background,  # noqa: E402
                         crf_two_thresholds)
 
 

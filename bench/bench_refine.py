@@ -25,17 +25,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shards.manifest import read_classes  # noqa: E402
-from shards.shapes import ShapesConfig  # noqa: E402
+from config.schema import ShapesConfig  # noqa: E402
 from stages import dump_cams, prepare, refine, shapes  # noqa: E402
-from stages.params import Params, PrepareConfig, RefineParams, RuntimeConfig  # noqa: E402
+from config.schema import Params, PrepareConfig, RefineParams, RuntimeConfig  # noqa: E402
 
 
 def build(root: Path, images: int) -> tuple[Path, Path]:
     import torch
 
     from models.toco import ToCo
-    from stages.checkpoint import save_weights
-    from stages.classifier_model import config_to_json, toco_config
+    from training.checkpoint import save_weights
+    from training.classifier_model import config_to_json, toco_config
 
     shapes.run(ShapesConfig(num_train=images, num_val=1), root / "shapes", progress=False)
     prepare.run(PrepareConfig(root=str(root / "shapes"), rows_per_shard=16), root / "manifest", progress=False)

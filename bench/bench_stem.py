@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.stem import create_stem  # noqa: E402
-from shards.params import build, read_yaml  # noqa: E402
-from stages.params import ClassifierParams  # noqa: E402
+from config.loader import build, read_yaml  # noqa: E402
+from config.schema import ClassifierParams  # noqa: E402
 
 
 def timed(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:

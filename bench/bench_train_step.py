@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.toco import ToCo  # noqa: E402
-from shards.params import build, read_yaml  # noqa: E402
-from stages.classifier_model import toco_config  # noqa: E402
-from stages.params import ClassifierParams  # noqa: E402
-from stages.toco_step import ToCoTrainer  # noqa: E402
+from config.loader import build, read_yaml  # noqa: E402
+from training.classifier_model import toco_config  # noqa: E402
+from config.schema import ClassifierParams  # noqa: E402
+from training.toco_step import ToCoTrainer  # noqa: E402
 from stages.train_classifier import step_config  # noqa: E402
 
 PAPER = dict(backbone="vit_base_patch16_224", patch_size=0, embed_dim=0, depth=0, num_heads=0, crop_size=448,

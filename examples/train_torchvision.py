@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
-from stages.pseudo_dataset import PseudoLabelDataset, RowGroupSampler, TrainTransform
+from training.pseudo_dataset import PseudoLabelDataset, RowGroupSampler, TrainTransform
 
 log = logging.getLogger("train_torchvision")
 

@@ -81,7 +81,7 @@ def pcl_loss(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int
     Same pairs as :func:`ptc_loss`, but with the *signed* cosine S: loss = 0.5 mean(1 - S) over positives +
     0.5 mean(max(S, 0)) over negatives. PTC's |cos| is satisfied by anti-parallel positives and counts
     anti-parallel negatives as similar; here positives must point the same way and negatives are done once
-    orthogonal. Labels come from the final CAM (``stages/toco_step.py``), so PCL needs no auxiliary head.
+    orthogonal. Labels come from the final CAM (``training/toco_step.py``), so PCL needs no auxiliary head.
     """
     with _no_autocast(tokens):
         sim, pos, neg = _token_pairs(tokens, token_labels, ignore_index)

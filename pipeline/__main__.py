@@ -6,6 +6,7 @@
     python -m pipeline produce [STAGE ...]                             the training DAG as a flow run
     python -m pipeline relabel NAME                                    one collection as a flow run
     python -m pipeline inbox                                           one relabel-inbox flow run, now
+    python -m pipeline deps [--check]                                  dvc.yaml code deps from the import graph
 
 Run from the repository root (``--root`` otherwise). ``serve`` needs ``prefect server start --host 127.0.0.1``
 in another terminal; the other flow commands use that server when PREFECT_API_URL is set, else a temporary one.
@@ -19,8 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from shards.collections import OrchestrationConfig, read_collections, read_current
-from shards.params import ParamsError, load_section
+from config.loader import ParamsError, load_section
+from config.schema import OrchestrationConfig
+from shards.collections import read_collections, read_current
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     one = commands.add_parser("relabel", help="relabel one collection as a flow")
     one.add_argument("name")
     commands.add_parser("inbox", help="run relabel-inbox once, now")
+    deps = commands.add_parser("deps", help="regenerate dvc.yaml's code deps from the import graph")
+    deps.add_argument("--check", action="store_true", help="only check; exit 1 when dvc.yaml is out of date")
     args = parser.parse_args(argv)
 
     root = Path(args.root).resolve()
+    if args.command == "deps":
+        from pipeline import codedeps
+
+        return codedeps.main(args.check, root / "dvc.yaml")
     try:
         cfg = load_section(OrchestrationConfig, root / "params.yaml", "orchestration")
     except ParamsError as exc:

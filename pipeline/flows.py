@@ -16,16 +16,20 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
+from config.loader import load_section, read_yaml
+from config.schema import OrchestrationConfig
 from pipeline import artifacts, dvc
 from pipeline.collections import collection_lock, inbox_folders, register, workspace_lock
-from shards.collections import COLLECTIONS_FILE, OrchestrationConfig, classifier_fingerprint, read_collections, \
-    read_current
+from shards.collections import COLLECTIONS_FILE, classifier_fingerprint, read_collections, read_current
 from shards.io import iter_rows
-from shards.params import load_section, read_yaml
 
 RELABEL_PARTS = ("prepare", "dump_cams", "refine")  # the tqdm bars of one relabel@<name> run, in order
 

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shards.collections import OrchestrationConfig
+from config.schema import OrchestrationConfig
 
 
 def check_server(api_url: str, timeout: float = 5.0) -> None:

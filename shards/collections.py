@@ -15,14 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from shards.io import atomic_write_bytes, sha256_file
-from shards.params import param
 
 COLLECTIONS_FILE = "collections.yaml"  # named in dvc.yaml's `vars`; kept at the repository root
 CURRENT_FILE = "current.json"
@@ -30,26 +28,6 @@ SUMMARY_FILE = "summary.json"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # a DVC stage key and a Prefect artifact key part
 HEADER = ("# Registered image collections: `python -m pipeline register <path>` or a folder dropped into the inbox\n"
           "# (orchestration.inbox). dvc.yaml gives each name a relabel@<name> stage. Written by pipeline/; sorted.\n")
-
-
-@dataclass(frozen=True)
-class OrchestrationConfig:
-    """``orchestration``: the Prefect deployment that relabels new collections on a schedule (pipeline/)."""
-
-    relabel_cron: str = param("*/30 * * * *", help="cron schedule of the relabel-inbox deployment")
-    deployment: str = param("relabel-inbox", help="name of the served deployment")
-    api_url: str = param("http://127.0.0.1:4200/api", help="Prefect server API (PREFECT_API_URL wins if set)")
-    inbox: str = param("data/inbox", help="folder whose sub-folders are collections")
-    collections_dir: str = param("data/collections", help="pseudo-label versions per collection")
-    push: bool = param(True, help="dvc push after relabelling (skipped when no remote is configured)")
-    lock_wait_s: float = param(0.0, lo=0.0, help="wait this long for a collection another run holds; 0 = skip")
-    retries: int = param(2, lo=0, help="retries of a failed dvc repro task (stages resume, not restart)")
-    retry_delay_s: int = param(10, lo=0, help="seconds between retries")
-    summary_rows: int = param(50, lo=0, help="rows of the per-image table artifact")
-
-    def validate(self) -> None:
-        if len(self.relabel_cron.split()) not in (5, 6):
-            raise ValueError(f"relabel_cron: {self.relabel_cron!r} is not a cron expression (5 fields)")
 
 
 def check_name(name: str) -> str:

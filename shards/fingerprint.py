@@ -3,20 +3,31 @@
 A stage records the fingerprint beside every shard or checkpoint it writes; a restart reuses only work whose
 fingerprint matches, so a changed param, a code edit or a changed input never resumes stale state.
 
-The code version is a hash of the source files of the packages a stage runs (not ``git describe``: uncommitted
+The code version is a hash of the source files a stage imports (its import closure; not ``git describe``: uncommitted
 edits must count, and a fresh clone must give the same value as the working copy it came from).
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from shards.params import to_dict
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain JSON-able data (tuples become lists), for fingerprints and provenance."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def _canonical(obj: Any) -> bytes:
@@ -27,15 +38,64 @@ def hash_params(params: Any) -> str:
     return hashlib.sha256(_canonical(params)).hexdigest()
 
 
-def code_version(packages: Iterable[str] = ("shards", "models", "stages")) -> str:
-    """sha256 over the ``*.py`` files of the given top-level packages (path + content, sorted)."""
+CODE_FOLDERS = ("config", "labelling", "models", "parallel", "refinement", "shards", "stages", "synth", "training")
+
+
+def module_path(name: str) -> Path | None:
+    """The source file of project module ``name`` (a package's ``__init__.py``), or None when it is not ours."""
+    if name.split(".")[0] not in CODE_FOLDERS:
+        return None
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_names(path: Path, package: str) -> set[str]:
+    """Module names imported anywhere in ``path`` (function-level imports too: they are code the module runs)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against this module's package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(p for p in [*parts, node.module or ""] if p)
+            else:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+def import_closure(module: str) -> list[Path]:
+    """Every project source file that ``module`` imports, directly or not, itself and package ``__init__``s
+    included, sorted. The code deps of a DVC stage, and what its resume fingerprint hashes."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py too
+            prefix = ".".join(parts[:i])
+            path = module_path(prefix)
+            if path is None or prefix in seen:
+                continue
+            seen[prefix] = path
+            package = prefix if path.name == "__init__.py" else prefix.rpartition(".")[0]
+            todo.extend(_imported_names(path, package))
+    return sorted(set(seen.values()))
+
+
+def code_version(module: str) -> str:
+    """sha256 over the source files of ``module``'s import closure (path + content): an edit to code the module
+    does not import leaves it unchanged."""
     digest = hashlib.sha256()
-    for package in sorted(packages):
-        folder = PROJECT_ROOT / package
-        for path in sorted(folder.rglob("*.py")):
-            digest.update(str(path.relative_to(PROJECT_ROOT)).encode())
-            digest.update(b"\0")
-            digest.update(path.read_bytes())
+    for path in import_closure(module):
+        digest.update(str(path.relative_to(PROJECT_ROOT)).encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -62,12 +122,12 @@ def hash_inputs(paths: Iterable[str | Path]) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(params: Any, *, code: str | None = None, inputs: Iterable[str | Path] = (),
+def fingerprint(params: Any, *, code: str, inputs: Iterable[str | Path] = (),
                 extra: Any = None) -> str:
     """One digest of params, code version and inputs (and anything else that decides the output)."""
     parts = {
         "params": hash_params(params),
-        "code": code if code is not None else code_version(),
+        "code": code,
         "inputs": hash_inputs(inputs),
         "extra": hash_params(extra),
     }

@@ -286,3 +286,16 @@ def decode_mask_png(data: bytes) -> np.ndarray:
             raise ValueError(f"mask PNG has mode {image.mode}, expected P or L")
         return np.array(image, dtype=np.uint8)
 
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def resize_long(rgb: np.ndarray, long_side: int, resample=Image.BILINEAR) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if long_side <= 0 or max(h, w) == long_side:
+        return rgb
+    scale = long_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, resample))

@@ -18,11 +18,8 @@ sums, so the result does not depend on the pool size (at equal torch threads per
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,16 +31,17 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from config.schema import EvaluateParams, load_params_or_exit
+from parallel import shard_map
+from refinement.crf import CrfConfig, crf_refine_probs
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.manifest import manifest_files
 from shards.metrics import ConfusionMatrix
+from shards.overlays import GAP, colorize
 from shards.sampling import RowIndex
-from stages import runtime as rt
-from stages.crf import CrfConfig, crf_refine_probs
-from stages.overlays import GAP, colorize
-from stages.params import EvaluateParams, load_params_or_exit
-from stages.segmenter_data import GroundTruthImages, rows_with_masks
-from stages.segmenter_model import load_segmenter, predict_views
+from training import runtime as rt
+from training.segmenter_data import GroundTruthImages, rows_with_masks
+from training.segmenter_model import load_segmenter, predict_views
 
 log = logging.getLogger("evaluate")
 VARIANTS = ("single", "ms_flip", "ms_flip_crf")
@@ -93,19 +91,17 @@ class ChunkTask:
     num_classes: int
 
 
-_WORKER: dict[str, Any] = {}  # the model of a pool worker, loaded once by its initializer
+_WORKER: dict[str, Any] = {}  # the model of this process, loaded once per worker (parallel/shard_map.py init)
 
 
-def _init_worker(segmenter_dir: str, device: str, threads: int) -> None:
-    torch.set_num_threads(threads)
+def load_worker_model(segmenter_dir: str, device: str) -> None:
     _WORKER["device"] = torch.device(device)
     _WORKER["model"] = load_segmenter(segmenter_dir, _WORKER["device"])[0]
 
 
-def evaluate_chunk(task: ChunkTask, model: torch.nn.Module | None = None,
-                   device: torch.device | None = None) -> dict[str, Any]:
+def evaluate_chunk(task: ChunkTask) -> dict[str, Any]:
     """Confusion matrices of the three variants over the chunk's images, and the shown images' predictions."""
-    model, device = model or _WORKER["model"], device or _WORKER["device"]
+    model, device = _WORKER["model"], _WORKER["device"]
     p, crf = task.params, crf_config(task.params)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and p.bf16 else None
     images = GroundTruthImages(RowIndex(task.files), task.rows)
@@ -131,12 +127,7 @@ def run(params, segmenter_dir: Path, manifest_dir: Path, metrics_path: Path | No
         confusion_path: Path | None = None, overlays_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     p: EvaluateParams = params.evaluate
     env = rt.setup_runtime(params.runtime.device, params.runtime.num_threads)
-    workers = params.runtime.num_workers
-    model = None
-    if workers > 1:  # every worker loads its own copy; here only the class names and palette are needed
-        config = json.loads((Path(segmenter_dir) / "config.json").read_text())
-    else:
-        model, config = load_segmenter(segmenter_dir, env.device)
+    config = json.loads((Path(segmenter_dir) / "config.json").read_text())
     class_names, palette = list(config["class_names"]), config["palette"]
     files = manifest_files(manifest_dir, p.split)
     rows = rows_with_masks(files)
@@ -150,26 +141,20 @@ def run(params, segmenter_dir: Path, manifest_dir: Path, metrics_path: Path | No
     panels: list[dict[str, Any]] = []  # in row order: tasks are merged in order
     started = time.perf_counter()
     bar = tqdm(total=len(rows), desc="evaluate", unit="img", disable=not progress)
-    if workers > 1:
-        # One process per core, each with the network and its CRFs: torch's intra-op threads scale poorly on
-        # these small images, and a CRF is single-threaded C++ (forkserver: forking a torch process is unsafe).
-        threads = params.runtime.num_threads or max(1, (os.cpu_count() or 1) // workers)
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["stages.evaluate"])
-        with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                    initargs=(str(segmenter_dir), str(env.device), threads)) as pool:
-            results = pool.map(evaluate_chunk, tasks)
-            for task, result in zip(tasks, results):
-                _merge(matrices, panels, result)
-                bar.update(len(task.rows))
-    else:
-        for task in tasks:
-            _merge(matrices, panels, evaluate_chunk(task, model, env.device))
-            bar.update(len(task.rows))
+    # One process per core (runtime.num_workers), each with the network and its CRFs: torch's intra-op threads
+    # scale poorly on these small images, and a CRF is single-threaded C++. Merged in task order.
+    results: dict[int, dict[str, Any]] = {}
+    for i, result in shard_map.map_tasks("stages.evaluate:evaluate_chunk", tasks, params.runtime,
+                                         init="stages.evaluate:load_worker_model",
+                                         init_args=(str(segmenter_dir), str(env.device))):
+        results[i] = result
+        bar.update(len(tasks[i].rows))
+    for i in range(len(tasks)):
+        _merge(matrices, panels, results.pop(i))
     bar.close()
     seconds = time.perf_counter() - started
     log.info("evaluate: %d images in %.1f s (%.2f images/s; scales %s, flip %s, crf %s, %d process(es))", len(rows),
-             seconds, len(rows) / max(seconds, 1e-9), list(p.scales), p.flip, p.crf, workers)
+             seconds, len(rows) / max(seconds, 1e-9), list(p.scales), p.flip, p.crf, params.runtime.num_workers)
 
     summaries = {v: m.summary(class_names) for v, m in matrices.items()}
     result: dict[str, Any] = {

@@ -25,13 +25,24 @@ from typing import Any
 
 from tqdm import tqdm
 
+from config.loader import to_dict
+from config.schema import ExportParams, Params, load_params_or_exit
 from shards.dataset_card import render_card
 from shards.io import ShardSet, atomic_write_bytes, read_metadata
 from shards.manifest import read_classes
-from shards.package import (CARD_NAME, CHECKSUMS_NAME, INFO_NAME, VOC_DIR, is_package, remove_stale,
-                            source_files, write_checksums, write_info, write_split, write_voc_lists)
-from shards.params import to_dict
-from stages.params import ExportParams, Params, load_params_or_exit
+from shards.package import (
+    CARD_NAME,
+    CHECKSUMS_NAME,
+    INFO_NAME,
+    VOC_DIR,
+    is_package,
+    remove_stale,
+    source_files,
+    write_checksums,
+    write_info,
+    write_split,
+    write_voc_lists,
+)
 
 log = logging.getLogger("export")
 

@@ -2,7 +2,7 @@
 
 Consumes a collection folder (``data/inbox/<name>/``: images, an optional ``tags.csv`` ``image,tags``, optional
 ``masks/`` ground truth) and the current classifier (``data/classifier``). Runs, into one version folder, the
-stages the training DAG runs on its own data (their ``run`` functions, unchanged): ``prepare`` (source ``folder``,
+steps the training DAG runs on its own data (the same functions, from ``labelling/``): ``prepare`` (source ``folder``,
 the classifier's class list, one split ``train``), ``dump_cams`` (untagged images get the classes the classifier
 predicts, ``tag_source: predicted``, with scores) and ``refine`` (METHODS.md §2). Produces::
 
@@ -33,13 +33,15 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from config.loader import to_dict
+from config.schema import Params, load_params_or_exit
+from labelling import cams as cam_dump
+from labelling import pseudo_labels
+from labelling.ingest import build_manifest
 from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, classifier_fingerprint, version_name
 from shards.fingerprint import hash_params
 from shards.io import atomic_write_bytes, atomic_write_json
-from shards.params import to_dict
 from shards.records import DataError
-from stages import dump_cams, prepare, refine
-from stages.params import Params, load_params_or_exit
 
 log = logging.getLogger("relabel")
 SPLIT = "train"  # a collection is one split: pseudo labels are for training
@@ -62,8 +64,8 @@ def labelling_fingerprint(params: Params) -> str:
     decisive = {
         "prepare": {k: to_dict(getattr(params.prepare, k)) for k in ("max_pixels", "min_side", "rows_per_shard")},
         "dump_cams": {k: v for k, v in to_dict(params.dump_cams).items()
-                      if k not in (*dump_cams.REPORT_ONLY, "splits")},
-        "refine": {k: v for k, v in to_dict(params.refine).items() if k not in refine.REPORT_ONLY},
+                      if k not in (*cam_dump.REPORT_ONLY, "splits")},
+        "refine": {k: v for k, v in to_dict(params.refine).items() if k not in pseudo_labels.REPORT_ONLY},
     }
     return hash_params(decisive)[:32]
 
@@ -137,14 +139,14 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
 
     timings = {}
     tick = time.perf_counter()
-    prepared = prepare.run(cfg.prepare, work / "manifest", progress=progress)
+    prepared = build_manifest(cfg.prepare, work / "manifest", progress=progress)
     timings["prepare"] = round(time.perf_counter() - tick, 2)
     tick = time.perf_counter()
-    cams = dump_cams.run(cfg, work / "manifest", classifier_dir, work / "cams", None, progress=progress)
+    cams = cam_dump.dump_cams(cfg, work / "manifest", classifier_dir, work / "cams", None, progress=progress)
     timings["dump_cams"] = round(time.perf_counter() - tick, 2)
     tick = time.perf_counter()
-    refined = refine.run(cfg, work / "cams", work / "manifest", work / "pseudo_labels", work / "metrics.json",
-                         work / "overlays", progress=progress)
+    refined = pseudo_labels.refine_cams(cfg, work / "cams", work / "manifest", work / "pseudo_labels",
+                                        work / "metrics.json", work / "overlays", progress=progress)
     timings["refine"] = round(time.perf_counter() - tick, 2)
 
     summary = {

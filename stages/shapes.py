@@ -1,6 +1,6 @@
 """DVC stage ``shapes``: generate the embedded procedural dataset in PASCAL VOC layout.
 
-Consumes: the ``shapes`` section of ``params.yaml`` (:class:`shards.shapes.ShapesConfig`); nothing else.
+Consumes: the ``shapes`` section of ``params.yaml`` (:class:`synth.shapes.ShapesConfig`); nothing else.
 Produces: ``--out`` (default ``data/shapes``) with ``JPEGImages/``, ``SegmentationClass/`` (palette PNG,
 255 = ignore band), ``Annotations/`` (VOC XML), ``ImageSets/Segmentation/{train,val}.txt``, ``classes.txt``
 and ``generator.json`` (config and counts). ``prepare`` then reads it like any VOC folder.
@@ -20,8 +20,9 @@ import argparse
 import time
 from pathlib import Path
 
-from shards.params import load_section
-from shards.shapes import ShapesConfig, write_dataset
+from config.loader import load_section
+from config.schema import ShapesConfig
+from synth.shapes import write_dataset
 
 
 def run(cfg: ShapesConfig, out_dir: Path, progress: bool = True) -> dict:

@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -28,31 +28,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from config.loader import to_dict
+from config.schema import ClassifierParams, load_params_or_exit
 from models.par import ParConfig
 from models.pseudo import ThresholdConfig
 from models.toco import ToCo, param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import atomic_write_json
 from shards.manifest import manifest_files, read_classes
-from shards.params import to_dict
-from shards.sampling import RowIndex, block_shuffle
-from stages import runtime as rt
-from stages.cam_eval import evaluate_classifier
-from stages.checkpoint import resume, save_checkpoint, save_weights
-from stages.classifier_model import config_to_json, toco_config
-from stages.data import AugmentConfig, EvalImages, TrainCrops
-from stages.params import ClassifierParams, load_params_or_exit
-from stages.toco_step import StepConfig, ToCoTrainer
+from shards.sampling import RowIndex
+from training import runtime as rt
+from training.cam_eval import evaluate_classifier
+from training.checkpoint import resume, save_checkpoint, save_weights
+from training.classifier_model import config_to_json, toco_config
+from training.data import AugmentConfig, EvalImages, TrainCrops
+from training.loop import batches, lr_factor
+from training.toco_step import StepConfig, ToCoTrainer
 
 log = logging.getLogger("train_classifier")
-
-
-def lr_factor(step: int, p: ClassifierParams) -> float:
-    """Linear warm-up from warmup_ratio to 1, then poly decay to 0 at ``iterations``."""
-    if step < p.warmup_iters:
-        return p.warmup_ratio + (1 - p.warmup_ratio) * step / p.warmup_iters
-    span = max(1, p.iterations - p.warmup_iters)
-    return max(0.0, 1 - (step - p.warmup_iters) / span) ** p.poly_power
 
 
 def step_config(p: ClassifierParams) -> StepConfig:
@@ -64,24 +57,6 @@ def step_config(p: ClassifierParams) -> StepConfig:
         cam_scales=p.cam_scales, local_crops=p.local_crops, local_crop_size=p.local_crop_size,
         use_pcl=p.use_pcl, pcl_weight=p.pcl_weight, use_afa=p.use_afa, afa_weight=p.afa_weight,
         afa_radius=p.afa_radius, use_trt=p.use_trt, trt_weight=p.trt_weight)
-
-
-def batches(rows: np.ndarray, index: RowIndex, *, seed: int, batch: int, start: int, rank: int,
-            world: int) -> Iterator[list[tuple[int, int]]]:
-    """Micro-batches of (epoch, row) for this rank from micro-step ``start`` on; order = f(seed, epoch)."""
-    tagged = set(rows.tolist())
-    orders: dict[int, np.ndarray] = {}
-    micro = start
-    while True:
-        picks = []
-        for g in range(micro * batch * world + rank * batch, micro * batch * world + (rank + 1) * batch):
-            epoch, position = divmod(g, len(rows))
-            if epoch not in orders:
-                orders = {epoch: np.array([r for r in block_shuffle(index, seed=seed, epoch=epoch)
-                                           if r in tagged])}
-            picks.append((epoch, int(orders[epoch][position])))
-        yield picks
-        micro += 1
 
 
 def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path: Path | None = None,
@@ -108,7 +83,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
                                   lr=p.lr, weight_decay=p.weight_decay, betas=p.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p))
     generator = torch.Generator(device=env.device).manual_seed(params.runtime.seed * 1000 + env.rank)
-    key = fingerprint(to_dict(p), code=code_version(("models", "stages", "shards")),
+    key = fingerprint(to_dict(p), code=code_version("stages.train_classifier"),
                       inputs=[manifest_dir], extra=[params.runtime.seed, env.world_size])
     ckpt, step = resume(ckpt_dir, key, model, optimizer, scheduler, is_main=env.is_main, generator=generator,
                         rank=env.rank)

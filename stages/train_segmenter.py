@@ -31,20 +31,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from config.loader import to_dict
+from config.schema import SegmenterParams, load_params_or_exit
 from models.deeplab import DeepLab, param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import read_metadata
 from shards.manifest import manifest_files
 from shards.metrics import ConfusionMatrix
-from shards.params import to_dict
 from shards.sampling import RowIndex
-from stages import runtime as rt
-from stages.checkpoint import resume, save_checkpoint, save_weights
-from stages.params import SegmenterParams, load_params_or_exit
-from stages.segmenter_data import (IGNORE_INDEX, GroundTruthImages, PairAugmentConfig, PseudoLabelCrops,
-                                   rows_with_masks)
-from stages.segmenter_model import config_to_json, deeplab_config, predict_probs
-from stages.train_classifier import batches, lr_factor
+from training import runtime as rt
+from training.checkpoint import resume, save_checkpoint, save_weights
+from training.loop import batches, lr_factor
+from training.segmenter_data import (
+    IGNORE_INDEX,
+    GroundTruthImages,
+    PairAugmentConfig,
+    PseudoLabelCrops,
+    rows_with_masks,
+)
+from training.segmenter_model import config_to_json, deeplab_config, predict_probs
 
 log = logging.getLogger("train_segmenter")
 
@@ -103,7 +108,7 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
     model = DeepLab(deeplab_config(p, len(class_names))).to(env.device)
     optimizer = make_optimizer(model, p)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p))
-    key = fingerprint(to_dict(p), code=code_version(("models", "stages", "shards")), inputs=[pseudo_dir],
+    key = fingerprint(to_dict(p), code=code_version("stages.train_segmenter"), inputs=[pseudo_dir],
                       extra=[params.runtime.seed, env.world_size])
     ckpt, step = resume(ckpt_dir, key, model, optimizer, scheduler, is_main=env.is_main)
     first_step = step

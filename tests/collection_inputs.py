@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from models.toco import ToCo
-from shards.shapes import CLASS_NAMES, ShapesConfig
+from config.schema import ShapesConfig
+from synth.shapes import CLASS_NAMES
 from stages import shapes
-from stages.checkpoint import save_weights
-from stages.classifier_model import config_to_json, toco_config
-from stages.params import ClassifierParams
+from training.checkpoint import save_weights
+from training.classifier_model import config_to_json, toco_config
+from config.schema import ClassifierParams
 
 TINY_CLASSIFIER = ClassifierParams(backbone="vit_tiny_patch16_224", stem="", patch_size=8, embed_dim=32, depth=4,
                                    num_heads=2, crop_size=32, seg_dim=16, proj_hidden_dim=32,

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shards.fingerprint import CODE_FOLDERS
+
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "shards", "models", "stages", "pipeline"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", *CODE_FOLDERS, "pipeline"]
 PROJECT_FILES.append("collections.yaml")  # dvc.yaml reads it (vars): the relabel@<collection> stages
 
 # A tiny preset of every stage: the whole DAG on CPU in well under a minute.

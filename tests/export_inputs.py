@@ -21,7 +21,7 @@ from shards.io import ShardSet, atomic_write_json
 from shards.metrics import ConfusionMatrix
 from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
 from shards.records import voc_palette
-from stages.params import ExportParams, Params
+from config.schema import ExportParams, Params
 
 CLASS_NAMES = ["background", "disc", "box", "bar"]
 PRODUCER = {"stage": "refine", "code_version": "c0de", "params_fingerprint": "f00d",

@@ -13,9 +13,9 @@ from shards.images import decode_mask_png, encode_mask
 from shards.io import ShardSet
 from shards.manifest import manifest_files, read_classes
 from shards.pseudo_labels import mask_stats, pseudo_label_schema
-from shards.shapes import ShapesConfig
+from config.schema import ShapesConfig
 from stages import prepare, shapes
-from stages.params import PrepareConfig
+from config.schema import PrepareConfig
 
 def write_manifest(root: Path, num_train: int = 16, num_val: int = 6, rows_per_shard: int = 8) -> Path:
     shapes.run(ShapesConfig(num_train=num_train, num_val=num_val, min_side=64, max_side=96), root / "shapes",

@@ -5,7 +5,7 @@ import timm
 import torch
 
 from models.backbone import create_vit, patch_stride
-from models.stem import Renormalise, create_stem, match_state_dict
+from models.stem import Renormalise, match_state_dict
 
 STEM = "tf_efficientnet_lite0"
 

@@ -1,6 +1,7 @@
 from dataclasses import dataclass
 
-from shards.fingerprint import code_version, fingerprint, hash_inputs
+from shards import fingerprint as fingerprint_module
+from shards.fingerprint import PROJECT_ROOT, code_version, fingerprint, hash_inputs, import_closure
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,29 @@ def test_shard_folder_is_hashed_by_its_index(tmp_path):
     assert hash_inputs([tmp_path]) != before
 
 
-def test_code_version_is_stable_hex():
-    assert code_version(("shards",)) == code_version(("shards",))
-    assert len(code_version(("shards",))) == 64
+def test_import_closure_follows_imports_and_nothing_else():
+    closure = {p.relative_to(PROJECT_ROOT).as_posix() for p in import_closure("stages.train_classifier")}
+    assert {"stages/train_classifier.py", "training/loop.py", "models/toco.py", "models/__init__.py",
+            "config/schema.py", "shards/fingerprint.py"} <= closure
+    # the segmenter's code is not the classifier's: editing it must not invalidate the classifier's checkpoints
+    assert not closure & {"stages/train_segmenter.py", "training/segmenter_data.py", "models/deeplab.py"}
+    assert all(p.endswith(".py") for p in closure)
+
+
+def test_code_version_changes_with_a_file_of_the_closure_only(tmp_path, monkeypatch):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "stages" / "a.py").write_text("from shards import b\n\ndef f():\n    import shards.c\n")
+    (tmp_path / "shards" / "b.py").write_text("X = 1\n")
+    (tmp_path / "shards" / "c.py").write_text("Y = 1\n")  # imported inside a function: still code a runs
+    (tmp_path / "shards" / "d.py").write_text("Z = 1\n")  # imported by nobody
+    monkeypatch.setattr(fingerprint_module, "PROJECT_ROOT", tmp_path)
+    assert [p.name for p in import_closure("stages.a")] == ["b.py", "c.py", "a.py"]
+    before = code_version("stages.a")
+    assert len(before) == 64 and before == code_version("stages.a")
+    (tmp_path / "shards" / "d.py").write_text("Z = 2\n")
+    assert code_version("stages.a") == before
+    (tmp_path / "shards" / "c.py").write_text("Y = 2\n")
+    assert code_version("stages.a") != before
+
+

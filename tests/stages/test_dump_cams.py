@@ -1,6 +1,5 @@
 """dump_cams on a tiny shapes manifest and a tiny random ToCo: shards, predicted tags, batching, resume, metrics."""
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,11 +13,11 @@ import torch
 from shards.cams import decode_cams
 from shards.io import ShardSet, read_metadata
 from shards.manifest import manifest_files, read_classes
-from shards.shapes import ShapesConfig
+from config.schema import ShapesConfig
 from stages import dump_cams, prepare, shapes
-from stages.checkpoint import save_weights
-from stages.classifier_model import config_to_json, toco_config
-from stages.params import ClassifierParams, DumpCamsParams, Params, PrepareConfig, RuntimeConfig
+from training.checkpoint import save_weights
+from training.classifier_model import config_to_json, toco_config
+from config.schema import ClassifierParams, DumpCamsParams, Params, PrepareConfig, RuntimeConfig
 from models.toco import ToCo
 
 UNTAGGED = ("train-00001.parquet", (0, 2))  # rows whose tags are set to null

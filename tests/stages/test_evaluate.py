@@ -13,9 +13,9 @@ pytest.importorskip("pydensecrf.densecrf")
 from models.deeplab import DeepLab  # noqa: E402
 from shards.records import voc_palette  # noqa: E402
 from stages import evaluate, prepare  # noqa: E402
-from stages.checkpoint import save_weights  # noqa: E402
-from stages.params import EvaluateParams, Params, PrepareConfig, RuntimeConfig, SegmenterParams  # noqa: E402
-from stages.segmenter_model import config_to_json, deeplab_config  # noqa: E402
+from training.checkpoint import save_weights  # noqa: E402
+from config.schema import EvaluateParams, Params, PrepareConfig, RuntimeConfig, SegmenterParams  # noqa: E402
+from training.segmenter_model import config_to_json, deeplab_config  # noqa: E402
 
 CLASSES = ["background", "square", "stripe"]
 BLUE, RED = (0, 0, 255), (255, 0, 0)
@@ -68,6 +68,7 @@ def manifest(tmp_path_factory):
 
 def test_hand_checked_miou_of_an_oracle(manifest, tmp_path, monkeypatch):
     config = {"class_names": CLASSES, "palette": [list(c) for c in voc_palette()]}
+    (tmp_path / "config.json").write_text(json.dumps(config))  # the stage reads class names from the folder
     monkeypatch.setattr(evaluate, "load_segmenter", lambda folder, device: (RedIsSquare(), config))
     params = Params(runtime=RuntimeConfig(num_threads=1, num_workers=1),
                     evaluate=EvaluateParams(scales=(1.0,), flip=True))

@@ -2,8 +2,6 @@
 
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from shards.io import ShardSet, read_metadata
 from shards.manifest import manifest_files
 from shards.records import voc_palette
 from stages import prepare
-from stages.params import PrepareConfig
+from config.schema import PrepareConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["apple", "pear", "plum"]

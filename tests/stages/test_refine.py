@@ -19,9 +19,9 @@ from shards.cams import decode_cams  # noqa: E402
 from shards.io import ShardSet, read_metadata  # noqa: E402
 from shards.pseudo_labels import read_mask  # noqa: E402
 from stages import dump_cams, refine  # noqa: E402
-from stages.crf import CrfConfig, crf_two_thresholds  # noqa: E402
-from stages.params import DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
-from stages.refine_chain import refine_chunk  # noqa: E402
+from refinement.crf import CrfConfig, crf_two_thresholds  # noqa: E402
+from config.schema import DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
+from refinement.chain import refine_chunk  # noqa: E402
 from tests.stages.test_dump_cams import build_inputs, shard_hashes  # noqa: E402
 
 

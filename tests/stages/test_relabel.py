@@ -10,9 +10,9 @@ pytest.importorskip("pydensecrf.densecrf")
 
 from shards.collections import read_current  # noqa: E402
 from shards.fingerprint import hash_inputs  # noqa: E402
-from shards.params import build  # noqa: E402
+from config.loader import build  # noqa: E402
 from stages import relabel  # noqa: E402
-from stages.params import Params  # noqa: E402
+from config.schema import Params  # noqa: E402
 from tests.collection_inputs import TINY_RELABEL, make_classifier, make_collection  # noqa: E402
 
 

@@ -11,10 +11,11 @@ import torch
 from conftest import tiny_params
 from models.affinity import propagate
 from shards.cams import decode_affinity, decode_cams, decode_fg
-from shards.params import build
+from config.loader import build
+from labelling import cams as cam_dump
 from stages import dump_cams, prepare, refine, shapes, train_classifier
-from stages.params import Params, PrepareConfig
-from stages.refine_chain import refine_chunk
+from config.schema import Params, PrepareConfig
+from refinement.chain import refine_chunk
 
 OPTIONS = {"pooling": "akp", "use_pcl": True, "use_afa": True, "afa_layers": 2, "use_trt": True,
            "iterations": 3, "seg_start_iter": 1, "eval_every": 100}
@@ -63,7 +64,7 @@ def test_dump_stores_fg_and_affinity_of_the_image_tokens(trained):
         fg = decode_fg(row)
         assert fg.shape == (row["cam_height"], row["cam_width"]) and 0 <= fg.min() and fg.max() <= 1
         affinity, grid = decode_affinity(row)
-        h, w = dump_cams.resized_size(row["height"], row["width"], params.dump_cams.image_size)
+        h, w = cam_dump.resized_size(row["height"], row["width"], params.dump_cams.image_size)
         assert grid == (-(-h // stride), -(-w // stride))  # the tokens covering the image, not its padding
         assert affinity.shape == (grid[0] * grid[1],) * 2
         assert np.allclose(affinity, affinity.T, atol=1 / 255)  # AFA's head is symmetric
@@ -140,12 +141,12 @@ def test_fg_prior_keeps_cams_under_a_full_prior_and_erases_them_where_it_is_zero
 def test_akp_scores_in_dump_follow_the_model_pooling(trained):
     """dump_cams' tag scores use the classifier's own pooling (APC's adaptive K here), over valid tokens."""
     root, params, _, _ = trained
-    from stages.classifier_model import load_classifier
+    from training.classifier_model import load_classifier
 
     model, _ = load_classifier(root / "classifier")
     images = torch.rand(1, 3, 64, 48)
     valid = torch.ones(1, 64, 48, dtype=torch.bool)
     with torch.no_grad():
-        scores, _ = dump_cams.class_scores(model, images, valid)
+        scores, _ = cam_dump.class_scores(model, images, valid)
         logits = model(images, with_seg=False)["logits"]
     assert torch.allclose(scores, logits.sigmoid(), atol=1e-5)

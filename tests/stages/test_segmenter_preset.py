@@ -13,11 +13,11 @@ pytest.importorskip("pydensecrf.densecrf")
 
 from conftest import ROOT, tiny_params  # noqa: E402
 from shards.classes import VOC_CLASSES  # noqa: E402
-from shards.params import build  # noqa: E402
+from config.loader import build  # noqa: E402
 from shards.records import voc_palette  # noqa: E402
 from stages import evaluate, prepare, train_segmenter  # noqa: E402
-from stages.params import Params  # noqa: E402
-from stages.segmenter_model import load_segmenter  # noqa: E402
+from config.schema import Params  # noqa: E402
+from training.segmenter_model import load_segmenter  # noqa: E402
 from tests.segmenter_inputs import write_pseudo_labels  # noqa: E402
 
 PERSON, DOG = VOC_CLASSES.index("person") + 1, VOC_CLASSES.index("dog") + 1

@@ -14,12 +14,12 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_params, tool_env
-from shards.params import build
+from config.loader import build
 from shards.sampling import RowIndex
 from shards.manifest import manifest_files
 from stages import prepare, shapes
-from stages.params import ClassifierParams, Params, PrepareConfig
-from stages.train_classifier import batches, lr_factor
+from config.schema import ClassifierParams, Params, PrepareConfig
+from training.loop import batches, lr_factor
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_params, tool_env
-from stages.segmenter_data import PairAugmentConfig, augment_pair
-from stages.segmenter_model import load_segmenter
+from training.segmenter_data import PairAugmentConfig, augment_pair
+from training.segmenter_model import load_segmenter
 from stages.train_segmenter import masked_cross_entropy
 from tests.segmenter_inputs import write_manifest, write_pseudo_labels
 

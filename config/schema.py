@@ -1,4 +1,4 @@
-"""The schema of ``params.yaml``: one frozen dataclass per section, loaded strictly (shards.params).
+"""The schema of ``params.yaml``: one frozen dataclass per section, loaded strictly (config.loader).
 
 Every stage's ``main`` calls :func:`load_params` on the whole file, so a typo anywhere stops any stage before it
 does work, with the file and the dotted key in the message. Defaults here equal ``params.yaml``'s values and the
@@ -12,9 +12,56 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.collections import OrchestrationConfig
-from shards.params import ParamsError, load, param
-from shards.shapes import ShapesConfig
+from config.loader import ParamsError, load, param
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """``shapes``: the embedded synthetic dataset (synth/shapes.py), written in VOC layout."""
+
+    num_train: int = param(1000, lo=1, help="training images")
+    num_val: int = param(300, lo=1, help="validation images")
+    min_side: int = param(160, lo=32, hi=4096, help="smallest image side in pixels")
+    max_side: int = param(288, lo=32, hi=4096, help="largest image side in pixels")
+    seed: int = param(0, lo=0, help="image i of split s comes from default_rng([seed, s, i])")
+    jpeg_quality: int = param(90, lo=1, hi=100, help="JPEG quality of the written images")
+    boundary_width: int = param(3, lo=0, hi=20, help="width in px of the 255 band on visible outlines (VOC: ~5)")
+    context_bias: float = param(0.8, lo=0, hi=1, help="P(water | boat) and P(sky | plane)")
+    context_elsewhere: float = param(0.05, lo=0, hi=0.5,
+                                     help="P(water) and P(sky) each, in images without their context class")
+    max_objects: int = param(3, lo=1, hi=6, help="objects per image are 1..max_objects")
+    min_object: float = param(0.12, lo=0.05, hi=1, help="smallest object diameter, fraction of the short side")
+    max_object: float = param(0.6, lo=0.05, hi=1, help="largest object diameter, fraction of the short side")
+    min_visible_fraction: float = param(0.25, lo=0, hi=1,
+                                        help="an occluded object showing less than this share is not drawn")
+    min_core_pixels: int = param(24, lo=1, help="an object with fewer visible pixels outside the band is not drawn")
+
+    def validate(self) -> None:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
+        if self.min_object > self.max_object:
+            raise ValueError(f"min_object {self.min_object} > max_object {self.max_object}")
+
+
+@dataclass(frozen=True)
+class OrchestrationConfig:
+    """``orchestration``: the Prefect deployment that relabels new collections on a schedule (pipeline/)."""
+
+    relabel_cron: str = param("*/30 * * * *", help="cron schedule of the relabel-inbox deployment")
+    deployment: str = param("relabel-inbox", help="name of the served deployment")
+    api_url: str = param("http://127.0.0.1:4200/api", help="Prefect server API (PREFECT_API_URL wins if set)")
+    inbox: str = param("data/inbox", help="folder whose sub-folders are collections")
+    collections_dir: str = param("data/collections", help="pseudo-label versions per collection")
+    push: bool = param(True, help="dvc push after relabelling (skipped when no remote is configured)")
+    lock_wait_s: float = param(0.0, lo=0.0, help="wait this long for a collection another run holds; 0 = skip")
+    retries: int = param(2, lo=0, help="retries of a failed dvc repro task (stages resume, not restart)")
+    retry_delay_s: int = param(10, lo=0, help="seconds between retries")
+    summary_rows: int = param(50, lo=0, help="rows of the per-image table artifact")
+
+    def validate(self) -> None:
+        if len(self.relabel_cron.split()) not in (5, 6):
+            raise ValueError(f"relabel_cron: {self.relabel_cron!r} is not a cron expression (5 fields)")
+
 
 SOURCES = ("shapes", "voc", "coco", "folder")
 
@@ -312,7 +359,7 @@ class Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """The whole params file, checked; raises shards.params.ParamsError naming file and key."""
+    """The whole params file, checked; raises config.loader.ParamsError naming file and key."""
     return load(Params, path)
 
 

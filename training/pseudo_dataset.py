@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from shards.images import decode_mask_png
+from shards.images import decode_mask_png, decode_rgb
 from shards.package import open_package
-from stages.data import decode_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.params import ParamsError
-from shards.shapes import (CLASS_NAMES, IGNORE_INDEX, ShapesConfig, _visible_layout, boundary_band,
+from config.loader import ParamsError
+from config.schema import ShapesConfig
+from synth.shapes import (CLASS_NAMES, IGNORE_INDEX, _visible_layout, boundary_band,
                            generate_image, plan_image, write_dataset)
 from stages import shapes as stage
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
+from config.schema import ClassifierParams
 from models.toco import ToCo, ToCoConfig
-from stages.checkpoint import load_weights
-from stages.params import ClassifierParams
+from training.checkpoint import load_weights
 
 
 def resolve_weights(spec: str) -> str:

@@ -5,8 +5,8 @@ import pytest
 
 pytest.importorskip("pydensecrf.densecrf")
 
-from shards.params import ParamsError, build  # noqa: E402
-from stages.crf import (EVAL_CRF, CrfConfig, _infer, _pairwise_crf, _softmax_with_background,  # noqa: E402
+from config.loader import ParamsError, build  # noqa: E402
+from refinement.crf import (EVAL_CRF, CrfConfig, _infer, _pairwise_crf, _softmax_with_background,  # noqa: E402
                         crf_inference, crf_refine_probs, crf_two_thresholds)
 
 RED, BLUE, GREEN = (200, 40, 40), (40, 40, 200), (40, 190, 40)

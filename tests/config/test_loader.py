@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shards.params import ParamsError, build, load, load_section, param, to_dict
+from config.loader import ParamsError, build, load, load_section, param, to_dict
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from shards.fingerprint import to_dict  # noqa: F401  (re-exported: one definition, used with the loader)
+
 T = TypeVar("T")
 
 
@@ -161,17 +163,42 @@ def build(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "") -> T
     return obj
 
 
+def _duplicate_key(text: str) -> tuple[str, int] | None:
+    """The dotted path and line of the first key given twice in one mapping of ``text`` (None when there is none).
+
+    YAML 1.2 forbids duplicate keys; PyYAML silently keeps the last value, so a second ``min_side:`` would win.
+    """
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    todo: list[tuple[yaml.Node, list[str]]] = [(root, [])] if root is not None else []
+    while todo:
+        node, path = todo.pop(0)
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                if key in seen:
+                    return ".".join([*path, key]), key_node.start_mark.line + 1
+                seen.add(key)
+                todo.append((value_node, [*path, key]))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, [*path, str(i)]) for i, item in enumerate(node.value))
+    return None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a syntax error names the file."""
+    """Read a YAML mapping; a missing file, a syntax error or a key given twice names the file (and the key)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
     try:
+        duplicate = _duplicate_key(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if duplicate:
+        raise ParamsError(f"{path}: {duplicate[0]}: key given twice (line {duplicate[1]}); give each key once")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -195,14 +222,3 @@ def load_section(cls: type[T], path: str | Path, section: str) -> T:
         return build(cls, data.get(section), where=section)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
-
-
-def to_dict(obj: Any) -> Any:
-    """A dataclass as plain JSON-able data (tuples become lists), for fingerprints and provenance."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj

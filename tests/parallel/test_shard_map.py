@@ -6,8 +6,8 @@ pytest.importorskip("pydensecrf.densecrf")
 pytest.importorskip("distributed")
 
 from stages import dump_cams, refine  # noqa: E402
-from stages.params import DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
-from stages.shard_dask import use_dask  # noqa: E402
+from config.schema import DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
+from parallel.shard_map import use_dask  # noqa: E402
 from tests.stages.test_dump_cams import build_inputs, shard_hashes  # noqa: E402
 
 
@@ -57,6 +57,6 @@ def test_the_stages_import_without_dask_or_prefect():
     import sys
 
     code = ("import sys\nfor name in ('dask', 'distributed', 'prefect', 'prefect_dask'): sys.modules[name] = None\n"
-            "import stages.dump_cams, stages.refine, stages.relabel, stages.shard_dask\n")
+            "import stages.dump_cams, stages.refine, stages.relabel, parallel.shard_map\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

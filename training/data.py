@@ -8,7 +8,6 @@ run reproduces the interrupted one without saving any RNG state for the data.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from shards.images import decode_mask_png
+from shards.images import decode_mask_png, decode_rgb, resize_long
 from shards.sampling import RowIndex, RowReader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,11 +29,6 @@ class AugmentConfig:
     base_size: int  # resize the long side to this first (0 = keep the original size)
     scale_range: tuple[float, float]
     jitter: float  # brightness/contrast/saturation strength
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def multi_hot(tags: list[int] | None, num_classes: int) -> np.ndarray:
@@ -57,15 +51,6 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
-
-
-def resize_long(rgb: np.ndarray, long_side: int, resample=Image.BILINEAR) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    if long_side <= 0 or max(h, w) == long_side:
-        return rgb
-    scale = long_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, resample))
 
 
 def resize_to_multiple(rgb: np.ndarray, long_side: int, multiple: int) -> np.ndarray:

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.affinity import affinity_loss, affinity_targets
 from models.backbone import patch_stride
 from models.cam import cam_to_size, cams_at_tokens, multiscale_cam, normalise_cams, valid_at_tokens
 from models.ctc import ViewAugConfig, augment_view, region_from_labels, sample_local_crops
-from models.affinity import affinity_loss, affinity_targets
 from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, pcl_loss, ptc_loss
 from models.par import ParConfig
 from models.pseudo import ThresholdConfig, label_ignore_middle, online_pseudo_labels
 from models.toco import ToCo
-from stages.data import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from training.data import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 IGNORE = 255
 

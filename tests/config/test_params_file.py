@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shards.params import ParamsError, to_dict
-from stages.params import Params, load_params
+from config.loader import ParamsError, to_dict
+from config.schema import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params.yaml"

@@ -3,7 +3,7 @@
 Paired augmentation (DeepLab's): optional resize of the long side, random rescale by U(lo, hi) (image bilinear,
 mask nearest), horizontal flip, colour jitter of the image only, then a random crop after padding to the crop size
 (image with 0, mask with 255 = ignore, so padding never trains). Each sample's randomness comes from
-``np.random.default_rng([seed, epoch, row])``, as in stages/data.py: independent of worker count and order, and a
+``np.random.default_rng([seed, epoch, row])``, as in training/data.py: independent of worker count and order, and a
 resumed run reproduces the interrupted one without saving any data RNG state.
 """
 
@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from shards.images import decode_mask_png
+from shards.images import decode_mask_png, decode_rgb
 from shards.sampling import RowIndex, RowReader
-from stages.data import decode_rgb, to_tensor
+from training.data import to_tensor
 
 IGNORE_INDEX = 255
 

@@ -11,7 +11,7 @@ runs combine as ToCo's: the high run's class; where it says background, 255; whe
   ``batch_size`` images padded to the largest with a valid mask, on ``runtime.device``. As the first method it
   follows ToCo exactly (``models.pseudo.online_pseudo_labels``): CAMs resized to PAR's working resolution, softmax,
   PAR, bilinear upsampling; later in the chain it refines the stacks it is given.
-- ``crf``: dense CRF of each run's stack with unary -log(p) (``stages.crf.crf_inference``), one image at a time on
+- ``crf``: dense CRF of each run's stack with unary -log(p) (``refinement.crf.crf_inference``), one image at a time on
   CPU. First in the chain this is AFA/ToCo's CRF pseudo label (``crf_two_thresholds``); after ``par`` the
   PAR-refined probabilities are the CRF unaries; ``[crf, par]`` diffuses the CRF marginals with PAR.
 - ``random_walk`` (AFA): each image's stack is area-resized to its affinity's token grid, propagated one step by
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.par import ParConfig, refine_with_par, working_size
+from config.schema import RefineParams
 from models.affinity import propagate
+from models.par import ParConfig, refine_with_par, working_size
 from models.pseudo import background_logits, cams_with_background, present_softmax
 from models.trt import fg_prior
-from stages.params import RefineParams
 
 IGNORE = 255
 
@@ -60,7 +60,7 @@ def par_config(p: RefineParams) -> ParConfig:
 
 
 def crf_config(p: RefineParams):
-    from stages.crf import CrfConfig  # pydensecrf only where a CRF runs (GPU machines lack it)
+    from refinement.crf import CrfConfig  # pydensecrf only where a CRF runs (GPU machines lack it)
 
     return CrfConfig(iterations=p.crf_iterations, gauss_sxy=p.crf_gauss_sxy, gauss_compat=p.crf_gauss_compat,
                      bilateral_sxy=p.crf_bilateral_sxy, bilateral_srgb=p.crf_bilateral_srgb,
@@ -69,7 +69,7 @@ def crf_config(p: RefineParams):
 
 def crf_step(rgbs: list[np.ndarray], stacks: torch.Tensor, counts: list[int], runs: int, cfg) -> torch.Tensor:
     """CRF of every image's every run on its own pixels and present slots. stacks: (B, runs * (P+1), H, W)."""
-    from stages.crf import crf_inference
+    from refinement.crf import crf_inference
 
     out = stacks.detach().cpu().clone()
     planes = stacks.shape[1] // runs  # P + 1

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from shards.params import param
+from config.loader import param
 
 PROB_FLOOR = 1e-8  # -log(0) is inf; probabilities are clipped here before the log
 

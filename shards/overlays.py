@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from shards.cams import decode_cams
-from shards.images import decode_mask_png
+from shards.images import decode_mask_png, decode_rgb
 from shards.pseudo_labels import read_mask
-from stages.data import decode_rgb
 
 GAP = 4  # px of white between panels
 

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from config.schema import SegmenterParams
 from models.deeplab import DeepLab, DeepLabConfig
-from stages.checkpoint import load_weights
-from stages.classifier_model import resolve_weights
-from stages.data import resize_long, to_tensor
-from stages.params import SegmenterParams
+from shards.images import resize_long
+from training.checkpoint import load_weights
+from training.classifier_model import resolve_weights
+from training.data import to_tensor
 
 
 def deeplab_config(p: SegmenterParams, num_classes: int) -> DeepLabConfig:

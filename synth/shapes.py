@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
@@ -33,7 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from shards.params import param, to_dict
+from config.loader import to_dict
+from config.schema import RuntimeConfig, ShapesConfig
+from parallel.shard_map import map_tasks
 from shards.records import voc_palette
 
 CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring", "cross", "boat", "plane")
@@ -47,32 +48,6 @@ CONTEXT_BACKGROUNDS: dict[str, str] = {"boat": "water", "plane": "sky"}
 GENERIC_BACKGROUNDS: tuple[str, ...] = ("noise", "gradient", "clutter", "lines")
 SPLITS: tuple[str, ...] = ("train", "val")
 IGNORE_INDEX = 255
-
-
-@dataclass(frozen=True)
-class ShapesConfig:
-    num_train: int = param(1000, lo=1, help="training images")
-    num_val: int = param(300, lo=1, help="validation images")
-    min_side: int = param(160, lo=32, hi=4096, help="smallest image side in pixels")
-    max_side: int = param(288, lo=32, hi=4096, help="largest image side in pixels")
-    seed: int = param(0, lo=0, help="image i of split s comes from default_rng([seed, s, i])")
-    jpeg_quality: int = param(90, lo=1, hi=100, help="JPEG quality of the written images")
-    boundary_width: int = param(3, lo=0, hi=20, help="width in px of the 255 band on visible outlines (VOC: ~5)")
-    context_bias: float = param(0.8, lo=0, hi=1, help="P(water | boat) and P(sky | plane)")
-    context_elsewhere: float = param(0.05, lo=0, hi=0.5,
-                                     help="P(water) and P(sky) each, in images without their context class")
-    max_objects: int = param(3, lo=1, hi=6, help="objects per image are 1..max_objects")
-    min_object: float = param(0.12, lo=0.05, hi=1, help="smallest object diameter, fraction of the short side")
-    max_object: float = param(0.6, lo=0.05, hi=1, help="largest object diameter, fraction of the short side")
-    min_visible_fraction: float = param(0.25, lo=0, hi=1,
-                                        help="an occluded object showing less than this share is not drawn")
-    min_core_pixels: int = param(24, lo=1, help="an object with fewer visible pixels outside the band is not drawn")
-
-    def validate(self) -> None:
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
-        if self.min_object > self.max_object:
-            raise ValueError(f"min_object {self.min_object} > max_object {self.max_object}")
 
 
 @dataclass(frozen=True)
@@ -492,7 +467,7 @@ def _annotation_xml(name: str, height: int, width: int, objects) -> bytes:
 _PALETTE = [c for rgb in voc_palette() for c in rgb]
 
 
-def _write_one(task: tuple[ShapesConfig, str, str, int]) -> tuple[str, list[str], str]:
+def write_one(task: tuple[ShapesConfig, str, str, int]) -> tuple[str, list[str], str]:
     cfg, root, split, index = task
     image, labels, objects, plan = _render(cfg, split, index)
     name = image_id(split, index)
@@ -537,16 +512,10 @@ def write_dataset(cfg: ShapesConfig, root: str | Path, progress: bool = True, wo
     if workers is None:  # a pool pays for itself only past a few dozen images
         workers = min(2, os.cpu_count() or 1) if len(tasks) >= 64 else 1
     results = []
-    if workers > 1:
-        # Fork (where there is one) before tqdm starts its monitor thread; workers inherit the imports.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        with multiprocessing.get_context(method).Pool(workers) as pool:
-            stream = pool.imap_unordered(_write_one, tasks, chunksize=16)
-            for result in tqdm(stream, total=len(tasks), desc="shapes", unit="img", disable=not progress):
-                results.append(result)
-    else:
-        for task in tqdm(tasks, desc="shapes", unit="img", disable=not progress):
-            results.append(_write_one(task))
+    stream = map_tasks("synth.shapes:write_one", tasks, RuntimeConfig(num_workers=workers, num_threads=1))
+    for _, result in tqdm(stream, total=len(tasks), desc="shapes", unit="img", disable=not progress):
+        results.append(result)
+    results.sort(key=lambda r: r[0])  # completion order varies; the summary is built in image order
 
     for split in SPLITS:
         ids = "".join(f"{image_id(split, i)}\n" for i in range(sizes[split]))
@@ -568,7 +537,7 @@ def write_dataset(cfg: ShapesConfig, root: str | Path, progress: bool = True, wo
         "background_class_images": {k: dict(sorted(v.items())) for k, v in sorted(backgrounds.items())},
         "seconds": round(time.perf_counter() - start, 2), "workers": workers,
     }
-    meta = {"generator": "shards.shapes", "config": to_dict(cfg), "classes": list(CLASS_NAMES),
+    meta = {"generator": "synth.shapes", "config": to_dict(cfg), "classes": list(CLASS_NAMES),
             "class_textures": CLASS_TEXTURES, "context_backgrounds": CONTEXT_BACKGROUNDS, "counts": counts}
     (tmp / "generator.json").write_text(json.dumps(meta, indent=2) + "\n")
 

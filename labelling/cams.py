@@ -1,0 +1,334 @@
+"""CAM shards of the manifest (the work of the ``dump_cams`` stage; ``relabel`` runs it on a collection).
+
+What it consumes and produces, and how it resumes: the docstring of ``stages/dump_cams.py``.
+"""
+
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config.loader import to_dict
+from config.schema import DumpCamsParams
+from models.backbone import patch_stride
+from models.cam import multiscale_cam, valid_at_tokens
+from parallel import shard_map
+from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_affinity, encode_cams
+from shards.fingerprint import code_version, fingerprint, hash_params
+from shards.images import decode_mask_png, decode_rgb, resize_long
+from shards.io import ShardSet, atomic_write_json, sha256_file
+from shards.manifest import manifest_files, read_classes
+from training import runtime as rt
+from training.cam_eval import SWEEP
+from training.classifier_model import load_classifier
+from training.data import to_tensor
+
+log = logging.getLogger("dump_cams")
+REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "config.json"):
+        digest.update(sha256_file(Path(folder) / name).encode())
+    return digest.hexdigest()[:32]
+
+
+def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) after ``training.data.resize_long`` (same rounding)."""
+    if long_side <= 0 or max(height, width) == long_side:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def padded_size(height: int, width: int, p: DumpCamsParams) -> tuple[int, int]:
+    h, w = resized_size(height, width, p.image_size)
+    return math.ceil(h / p.pad_multiple) * p.pad_multiple, math.ceil(w / p.pad_multiple) * p.pad_multiple
+
+
+class _SlotCams:
+    """A ToCo seen by ``multiscale_cam`` as a model with P class "slots" per image instead of K classes.
+
+    Gathering the P present classes at the token grid keeps every upsampled map (2B, P, H, W) instead of
+    (2B, K, H, W): on COCO, ~3 planes instead of 80. ``multiscale_cam`` feeds [images, flipped images].
+    ``first`` holds the full-K token-grid maps (and AFA affinity) of the scale-1 pass that already gave the class
+    scores, so that pass is not run twice (the shape of its input identifies it). TRT's "fg" map has one plane
+    and is passed through. ``affinity``: the AFA affinity (B, N, N) of the scale-1 pass, once it has run.
+    """
+
+    def __init__(self, model: torch.nn.Module, class_index: torch.Tensor, scale1: torch.Size,
+                 first: tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None = None):
+        self.model, self.index, self.scale1, self.first = model, class_index, scale1, first  # index: (B, P)
+        self.affinity = first[1] if first is not None else None
+
+    def cams(self, x: torch.Tensor, heads: tuple[str, ...], relu: bool = False) -> tuple[torch.Tensor, ...]:
+        if self.first is not None and x.shape == self.scale1:
+            maps = self.first[0]
+        else:
+            enc = self.model.encode(x)
+            maps = self.model.head_maps(enc, heads)
+            if x.shape == self.scale1 and self.affinity is None:
+                self.affinity = scale1_affinity(enc, x.shape[0] // 2)
+        if relu:
+            maps = tuple(F.relu(m) for m in maps)
+        index = torch.cat([self.index, self.index])  # (2B, P)
+        return tuple(m if name == "fg" else m.gather(1, index[:, :, None, None].expand(-1, -1, *m.shape[-2:]))
+                     for name, m in zip(heads, maps))
+
+
+def scale1_affinity(enc: dict[str, Any], batch: int) -> torch.Tensor | None:
+    """AFA affinity (B, N, N) in [0, 1] of the first ``batch`` images of an encoding (not their flips)."""
+    logits = enc.get("affinity_logits")
+    return None if logits is None else logits[:batch].float().sigmoid()
+
+
+def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor, heads: tuple[str, ...] = (),
+                 ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None]:
+    """Sigmoid scores (B, K) from the classifier's pooling (``ToCo.pooled_logits``) over the image's tokens only.
+
+    With ``heads`` the pass runs on [images, flipped images], which is scale 1 of the multi-scale CAM, and also
+    returns that pass's raw maps per head (full K), each (2B, ., h, w), and its AFA affinity, for ``_SlotCams``.
+    """
+    B = images.shape[0]
+    enc = model.encode(torch.cat([images, images.flip(-1)]) if heads else images)
+    tokens = enc["tokens"][:B].float()  # (B, C, h, w)
+    inside = valid_at_tokens(valid, tokens.shape[-2:])  # (B, h, w)
+    scores = model.pooled_logits(tokens, "final", inside).float().sigmoid()  # (B, K)
+    return scores, ((model.head_maps(enc, heads), scale1_affinity(enc, B)) if heads else None)
+
+
+def predict_view(images: torch.Tensor, valid: torch.Tensor, p: DumpCamsParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded batch at ``predict_size`` (sides kept multiples of ``pad_multiple``) and its valid mask."""
+    scale = p.predict_size / p.image_size
+    size = [max(p.pad_multiple, round(s * scale / p.pad_multiple) * p.pad_multiple) for s in images.shape[-2:]]
+    small = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    small_valid = F.interpolate(valid[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0] > 0.5
+    return small, small_valid  # (B, 3, h, w), (B, h, w)
+
+
+def choose_classes(tags: list[int] | None, scores: np.ndarray, threshold: float) -> tuple[list[int], str]:
+    """Class ids 1..K of a row and its tag source."""
+    if tags is not None:
+        return sorted(set(int(t) for t in tags)), "given"
+    picked = [k + 1 for k in np.flatnonzero(scores > threshold)]
+    return (picked or [int(scores.argmax()) + 1]), "predicted"
+
+
+@torch.no_grad()
+def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCamsParams, env: rt.Runtime
+                   ) -> list[dict[str, Any]]:
+    """CAM-shard rows of manifest rows that share one padded shape."""
+    hp, wp = padded_size(rows[0]["height"], rows[0]["width"], p)
+    images = torch.zeros(len(rows), 3, hp, wp)
+    valid = torch.zeros(len(rows), hp, wp, dtype=torch.bool)
+    black = to_tensor(np.zeros((1, 1, 3), np.uint8))  # (3, 1, 1): the training crops' padding colour
+    sizes = []
+    for b, row in enumerate(rows):
+        x = to_tensor(resize_long(decode_rgb(row["image"]["bytes"]), p.image_size))  # (3, h, w)
+        h, w = x.shape[-2:]
+        images[b] = black
+        images[b, :, :h, :w] = x
+        valid[b, :h, :w] = True
+        sizes.append((h, w))
+    images, valid = images.to(env.device), valid.to(env.device)
+    heads = ("final", "aux") if p.aux else ("final",)
+    if getattr(model, "reattention", None) is not None:
+        heads += ("fg",)  # TRT: the class-agnostic foreground map, stored in column fg
+    # Tags are predicted at predict_size, the classifier's own scale (train_classifier.eval_size); when it is the
+    # CAM size, that pass doubles as scale 1 of the multi-scale CAM.
+    reuse = 1.0 in p.scales and p.predict_size in (0, p.image_size)
+    with env.autocast(p.bf16):
+        if reuse:
+            scores, first = class_scores(model, images, valid, heads)
+        else:
+            scores, first = class_scores(model, *predict_view(images, valid, p))
+    scores = scores.cpu().numpy()  # (B, K)
+    chosen = [choose_classes(row["tags"], scores[b], p.predict_threshold) for b, row in enumerate(rows)]
+    slots = max(1, max(len(c) for c, _ in chosen))
+    class_index = torch.zeros(len(rows), slots, dtype=torch.long)
+    slot_valid = torch.zeros(len(rows), slots)
+    for b, (classes, _) in enumerate(chosen):
+        class_index[b, : len(classes)] = torch.tensor(classes, dtype=torch.long) - 1
+        slot_valid[b, : len(classes)] = 1.0
+    slot_cams = _SlotCams(model, class_index.to(env.device), torch.Size((2 * len(rows), *images.shape[1:])),
+                          first if reuse else None)
+    with env.autocast(p.bf16):
+        maps = multiscale_cam(slot_cams, images, p.scales, head=heads, labels=slot_valid.to(env.device),
+                              valid=valid)  # each (B, P, Hp, Wp); fg (B, 1, Hp, Wp)
+        affinity = slot_cams.affinity
+        if affinity is None and getattr(model, "affinity_head", None) is not None:  # scale 1 not among scales
+            affinity = scale1_affinity(model.encode(images), len(rows))
+    out = []
+    long_side = p.cam_size or p.image_size
+    grid = model.token_grid(hp, wp)  # the padded batch's tokens: the affinity is (grid product)²
+    for b, (row, (classes, source)) in enumerate(zip(rows, chosen)):
+        ch, cw = resized_size(row["height"], row["width"], long_side)
+        h, w = sizes[b]
+        stored = {}
+        for name, cam in zip(heads, maps):
+            planes = 1 if name == "fg" else len(classes)
+            cam = cam[b: b + 1, :planes, :h, :w].float()  # (1, P_b, h, w): crop the padding away
+            if not planes:  # a tagged image with no foreground class: an empty (0, ch, cw) stack
+                cam = cam.new_zeros(1, 0, ch, cw)
+            elif (ch, cw) != (h, w):
+                cam = F.interpolate(cam, size=(ch, cw), mode="bilinear", align_corners=False,
+                                    antialias=ch < h or cw < w)
+            stored[name] = encode_cams(cam[0].cpu().numpy())
+        row_out = {
+            "image_id": row["image_id"], "split": row["split"], "height": row["height"], "width": row["width"],
+            "cam_height": ch, "cam_width": cw, "classes": classes,
+            "scores": [float(scores[b, c - 1]) for c in classes], "tag_source": source,
+            "cams": stored["final"], "aux_cams": stored.get("aux"), "fg": stored.get("fg"),
+            "affinity": None, "aff_height": None, "aff_width": None,
+        }
+        if affinity is not None:
+            stride = patch_stride(model.backbone)
+            th, tw = math.ceil(h / stride), math.ceil(w / stride)  # the tokens that cover the image, not padding
+            a = affinity[b].view(*grid, *grid)[:th, :tw, :th, :tw].reshape(th * tw, th * tw)
+            row_out.update(affinity=encode_affinity(a.cpu().numpy()), aff_height=th, aff_width=tw)
+        out.append(row_out)
+    return out
+
+
+def dump_shard(model: torch.nn.Module, path: Path, p: DumpCamsParams, env: rt.Runtime, bar: tqdm) -> list[dict]:
+    """CAM rows of one manifest shard, in its row order; batches group equal padded shapes."""
+    rows = pq.ParquetFile(path).read(columns=["image_id", "split", "image", "tags", "height", "width"]).to_pylist()
+    shapes = [padded_size(row["height"], row["width"], p) for row in rows]
+    batches: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: (shapes[i], i)):
+        if batches and len(batches[-1]) < p.batch_size and shapes[batches[-1][0]] == shapes[i]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    out: list[dict | None] = [None] * len(rows)
+    for batch in batches:
+        for i, result in zip(batch, cams_for_batch(model, [rows[i] for i in batch], p, env)):
+            out[i] = result
+        bar.update(len(batch))
+    return out
+
+
+def cam_metrics(cams_dir: Path, manifest_dir: Path, split: str, class_names: list[str],
+                bkg_threshold: float) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Plain-rule CAM mIoU of the stored CAMs (upsampled to the original size) against the split's ground truth."""
+    thresholds = sorted(set(SWEEP) | {round(bkg_threshold, 4)})
+    sweep = ThresholdSweep(len(class_names), thresholds)
+    for manifest_path in manifest_files(manifest_dir, split):
+        truth = pq.ParquetFile(manifest_path).read(columns=["image_id", "mask"]).to_pylist()
+        cams = pq.ParquetFile(cams_dir / manifest_path.name).read().to_pylist()
+        for row, gt_row in zip(cams, truth):
+            assert row["image_id"] == gt_row["image_id"], "CAM shard rows out of manifest order"
+            if not gt_row["mask"] or not gt_row["mask"].get("bytes"):
+                continue
+            gt = decode_mask_png(gt_row["mask"]["bytes"])
+            cam = torch.from_numpy(decode_cams(row))[None]  # (1, P, h, w)
+            if cam.shape[1] == 0:
+                value, label = np.zeros(gt.shape, np.float32), np.zeros(gt.shape, np.int64)
+            else:
+                cam = F.interpolate(cam, size=gt.shape, mode="bilinear", align_corners=False)[0]  # (P, H, W)
+                top, arg = cam.max(dim=0)
+                value, label = top.numpy(), np.asarray(row["classes"], np.int64)[arg.numpy()]
+            sweep.update(gt, value, label)
+    metrics, curve = sweep.report(class_names, bkg_threshold, SWEEP)
+    return {**metrics, "split": split}, curve
+
+
+@dataclass(frozen=True)
+class CamShardTask:
+    path: str
+    params: DumpCamsParams
+    device: str
+
+
+_WORKER: dict[str, Any] = {}  # a Dask worker's classifier, loaded once per worker (parallel/shard_map.py init)
+
+
+def load_worker_model(classifier_dir: str, model_fp: str, device: str) -> None:
+    """``model_fp`` is part of the init key, so a worker that outlives a run reloads a retrained classifier."""
+    env = rt.setup_runtime(device)
+    _WORKER.update(env=env, model=load_classifier(classifier_dir, env.device)[0], model_fp=model_fp)
+
+
+def dump_cam_shard(task: CamShardTask) -> list[dict[str, Any]]:
+    """CAM rows of one manifest shard, computed on a worker (the stage writes the shards itself)."""
+    return dump_shard(_WORKER["model"], Path(task.path), task.params, _WORKER["env"], tqdm(disable=True))
+
+
+def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, metrics_path: Path | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Dump the CAM shards; returns {computed, skipped, removed, images, seconds, metrics}."""
+    p: DumpCamsParams = params.dump_cams
+    env = rt.setup_runtime(params.runtime.device, params.runtime.num_threads)
+    manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
+    classes = read_classes(manifest_dir)
+    model, model_classes = load_classifier(classifier_dir, env.device)
+    if list(model_classes) != list(classes["class_names"]):
+        raise ValueError(f"{classifier_dir}: classifier classes {model_classes} differ from the manifest's")
+    shard_params = {k: v for k, v in to_dict(p).items() if k not in REPORT_ONLY}
+    code, model_fp = code_version("labelling.cams"), model_fingerprint(classifier_dir)
+    producer = {"stage": "dump_cams", "code_version": code, "params_fingerprint": hash_params(shard_params)[:32],
+                "model_fingerprint": model_fp}
+    schema = cam_schema(classes["class_names"], classes["palette"], producer, scales=p.scales)
+    manifest_index = ShardSet(manifest_dir).index()
+    shards = ShardSet(out_dir)
+    paths = [path for split in p.splits for path in manifest_files(manifest_dir, split)]
+    missing = [split for split in p.splits if not manifest_files(manifest_dir, split)]
+    if missing:
+        raise ValueError(f"{manifest_dir}: no manifest shards for split(s) {missing} (dump_cams.splits)")
+    total = sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+    computed, skipped, images, busy = [], [], 0, 0.0
+    bar = tqdm(total=total, desc="dump_cams", unit="img", disable=not progress)
+    pending = []  # (manifest shard, its sha256, fingerprint) of the shards to compute
+    for path in paths:
+        sha = manifest_index.get(path.name, {}).get("sha256") or sha256_file(path)
+        key = fingerprint(shard_params, code=code, extra={"model": model_fp, "manifest": sha,
+                                                          "device": env.device.type})
+        if shards.is_done(path.name, key):
+            skipped.append(path.name)
+            bar.update(shards.index()[path.name]["rows"])
+            continue
+        pending.append((path, sha, key))
+    tick = time.perf_counter()
+    on_dask = len(pending) > 1 and shard_map.use_dask(params.runtime)  # same rows; this stage writes the shards
+    if on_dask:
+        tasks = [CamShardTask(str(path.resolve()), p, params.runtime.device) for path, _, _ in pending]
+        results = shard_map.map_tasks("labelling.cams:dump_cam_shard", tasks, params.runtime,
+                                      init="labelling.cams:load_worker_model",
+                                      init_args=(str(Path(classifier_dir).resolve()), model_fp, params.runtime.device))
+    else:
+        results = ((i, dump_shard(model, path, p, env, bar)) for i, (path, _, _) in enumerate(pending))
+    for i, rows in results:
+        path, sha, key = pending[i]
+        shards.write(path.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=key,
+                     split=path.name.rsplit("-", 1)[0], manifest_sha256=sha)
+        bar.update(len(rows) if on_dask else 0)
+        images += len(rows)
+        computed.append(path.name)
+    busy = time.perf_counter() - tick
+    bar.close()
+    removed = shards.prune([path.name for path in paths])
+    log.info("dump_cams: %d images in %d shards computed (%d shards reused) in %.1f s: %.1f images/s on %s",
+             images, len(computed), len(skipped), busy, images / max(busy, 1e-9), env.device)
+    result: dict[str, Any] = {"computed": computed, "skipped": skipped, "removed": removed, "images": images,
+                              "seconds": round(busy, 3)}
+    if metrics_path is not None and p.eval_split in p.splits:
+        metrics, curve = cam_metrics(out_dir, manifest_dir, p.eval_split, classes["class_names"], p.bkg_threshold)
+        metrics.update(scales=list(p.scales), image_size=p.image_size, cam_size=p.cam_size or p.image_size)
+        atomic_write_json(metrics_path, metrics)
+        atomic_write_json(Path(metrics_path).with_name("cams_curve.json"), {"curve": curve})
+        result["metrics"] = metrics
+    return result

@@ -1,0 +1,165 @@
+"""CAM shards -> pseudo-label shards (the work of the ``refine`` stage; ``relabel`` runs it on a collection).
+
+What it consumes and produces, and how it resumes: the docstring of ``stages/refine.py``.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from config.loader import to_dict
+from config.schema import RefineParams
+from parallel import shard_map
+from refinement.chain import check_methods, refine_chunk
+from shards.boxes import mask_boxes
+from shards.cams import decode_affinity, decode_cams, decode_fg
+from shards.fingerprint import code_version, fingerprint, hash_params
+from shards.images import decode_mask_png, decode_rgb, encode_mask, resize_long
+from shards.io import ShardSet, atomic_write_json, read_metadata
+from shards.manifest import read_classes
+from shards.metrics import ConfusionMatrix
+from shards.overlays import write_overlays
+from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
+
+log = logging.getLogger("refine")
+REPORT_ONLY = ("eval_splits", "overlays")  # decide metrics and plots, not shard bytes: not in the fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    name: str
+    cams_path: str
+    manifest_path: str
+    out_dir: str
+    key: str
+    params: RefineParams
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, ...], ...]
+    producer: tuple[tuple[str, str], ...]
+    device: str
+
+
+def refine_shard(task: ShardTask) -> dict[str, Any]:
+    """Pseudo labels of one CAM shard, written into the output ShardSet; runs in a pool worker or in-process."""
+    p, num_classes = task.params, len(task.class_names)
+    cams = pq.ParquetFile(task.cams_path).read().to_pylist()
+    manifest = pq.ParquetFile(task.manifest_path).read(columns=["image_id", "image", "mask"]).to_pylist()
+    if [r["image_id"] for r in cams] != [r["image_id"] for r in manifest]:
+        raise ValueError(f"{task.cams_path}: rows differ from {task.manifest_path}; run dump_cams again")
+    work = [resized(r["height"], r["width"], p.max_side) for r in cams]
+    order = sorted(range(len(cams)), key=lambda i: (work[i], i))  # similar sizes share a PAR batch
+    confusion, gt_images, rows = ConfusionMatrix(num_classes), 0, [None] * len(cams)
+    for start in range(0, len(order), p.batch_size):
+        chunk = order[start: start + p.batch_size]
+        # a writeable copy: torch and pydensecrf refuse PIL's read-only buffers
+        rgbs = [np.array(resize_long(decode_rgb(manifest[i]["image"]["bytes"]), max(work[i]))) for i in chunk]
+        extras = [{"fg": decode_fg(cams[i]), "affinity": decode_affinity(cams[i])} for i in chunk]
+        results = refine_chunk(rgbs, [decode_cams(cams[i]) for i in chunk], [cams[i]["classes"] for i in chunk],
+                               p, torch.device(task.device), extras)
+        for i, (mask, confidence) in zip(chunk, results):
+            row, height, width = cams[i], cams[i]["height"], cams[i]["width"]
+            if mask.shape != (height, width):
+                mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+            ignore_fraction, pixels = mask_stats(mask, num_classes)
+            truth = manifest[i]["mask"]
+            if truth and truth.get("bytes"):
+                confusion.update(decode_mask_png(truth["bytes"]), mask)
+                gt_images += 1
+            rows[i] = {"image_id": row["image_id"], "split": row["split"], "image": manifest[i]["image"],
+                       "mask": {"bytes": encode_mask(mask, task.palette), "path": f"{row['image_id']}.png"},
+                       "labels": row["classes"], "tag_source": row["tag_source"], "height": height, "width": width,
+                       "ignore_fraction": ignore_fraction, "confidence": confidence, "pixels": pixels,
+                       "boxes": mask_boxes(mask, num_classes, min_pixels=p.box_min_pixels,
+                                           connectivity=p.box_connectivity)}
+    schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods)
+    return ShardSet(task.out_dir).write(task.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=task.key,
+                                        split=task.name.rsplit("-", 1)[0], gt_images=gt_images,
+                                        confusion=confusion.matrix.tolist())
+
+
+def first_cam_row(cams_dir: Path) -> dict[str, Any] | None:
+    """The seed-method columns of the first row of the first CAM shard (None when there is none), to refuse a
+    chain whose methods need columns the shards lack before any work."""
+    names = sorted(ShardSet(cams_dir).index()) if Path(cams_dir).exists() else []
+    for name in names:
+        shard = pq.ParquetFile(Path(cams_dir) / name)
+        columns = [c for c in ("image_id", "fg", "affinity") if c in shard.schema_arrow.names]
+        for batch in shard.iter_batches(batch_size=1, columns=columns):  # one row, not the shard's affinities
+            row = batch.to_pylist()[0]
+            return {k: row.get(k) for k in ("image_id", "fg", "affinity")}
+    return None
+
+
+def resized(height: int, width: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def run_tasks(tasks: list[ShardTask], bar: tqdm, runtime) -> None:
+    """Shard tasks on the one parallel map (parallel/shard_map.py: in-process, pool or Dask, per ``runtime``)."""
+    for _, entry in shard_map.map_tasks("labelling.pseudo_labels:refine_shard", tasks, runtime):
+        bar.update(entry["rows"])
+
+
+def refine_cams(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
+                overlays_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Refine every CAM shard; returns {computed, skipped, removed, images, seconds, metrics}."""
+    p: RefineParams = params.refine
+    check_methods(p.methods, first_cam_row(cams_dir), str(cams_dir))
+    device = params.runtime.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if params.runtime.num_threads > 0:
+        torch.set_num_threads(params.runtime.num_threads)
+    cams_dir, manifest_dir, out_dir = Path(cams_dir), Path(manifest_dir), Path(out_dir)
+    classes = read_classes(manifest_dir)
+    shard_params = {k: v for k, v in to_dict(p).items() if k not in REPORT_ONLY}
+    code = code_version("labelling.pseudo_labels")
+    cam_index, manifest_index = ShardSet(cams_dir).index(), ShardSet(manifest_dir).index()
+    missing = sorted(set(cam_index) - set(manifest_index))
+    if missing:
+        raise ValueError(f"{cams_dir}: CAM shards {missing} have no manifest shard in {manifest_dir}")
+    model = read_metadata(cams_dir / min(cam_index))["producer"]["model_fingerprint"] if cam_index else ""
+    producer = {"stage": "refine", "code_version": code, "params_fingerprint": hash_params(shard_params)[:32],
+                "model_fingerprint": model}  # the classifier behind the CAMs
+    shards = ShardSet(out_dir)
+    tasks, skipped = [], []
+    for name in sorted(cam_index):
+        key = fingerprint(shard_params, code=code, extra={"cams": cam_index[name]["sha256"], "device": device,
+                                                          "manifest": manifest_index[name]["sha256"]})
+        if shards.is_done(name, key):
+            skipped.append(name)
+            continue
+        tasks.append(ShardTask(name, str(cams_dir / name), str(manifest_dir / name), str(out_dir), key, p,
+                               tuple(classes["class_names"]), tuple(map(tuple, classes["palette"])),
+                               tuple(sorted(producer.items())), device))
+    images = sum(cam_index[t.name]["rows"] for t in tasks)
+    bar = tqdm(total=images, desc="refine", unit="img", disable=not progress)
+    started = time.perf_counter()
+    run_tasks(tasks, bar, params.runtime)
+    seconds = time.perf_counter() - started
+    bar.close()
+    removed = shards.prune(cam_index)
+    log.info("refine %s: %d images in %d shards (%d reused) in %.1f s: %.2f images/s with %d process(es)",
+             list(p.methods), images, len(tasks), len(skipped), seconds, images / max(seconds, 1e-9),
+             params.runtime.num_workers)
+    result = {"computed": [t.name for t in tasks], "skipped": skipped, "removed": removed, "images": images,
+              "seconds": round(seconds, 3),
+              "metrics": pseudo_label_metrics(out_dir, classes["class_names"], p.eval_splits, p.methods)}
+    if metrics_path is not None:
+        atomic_write_json(metrics_path, result["metrics"])
+    if overlays_dir is not None:
+        paths = [out_dir / n for n in sorted(cam_index) if n.rsplit("-", 1)[0] in p.eval_splits] or shards.files()
+        write_overlays(paths, cams_dir, manifest_dir, overlays_dir, p.overlays, classes["palette"])
+    return result
