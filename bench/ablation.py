@@ -31,17 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS: dict[str, dict] = {
     "toco": {},
-    "vit_cam": {"use_aux": False, "use_ptc": False, "use_ctc": False, "use_seg": False},
-    "afa": {"use_afa": True},
-    "apc": {"pooling": "akp", "use_pcl": True},
-    "trt": {"use_trt": True},
+    "vit_cam": {"model": {"use_aux": False, "use_ctc": False, "use_seg_head": False}, "loss": {"use_ptc": False}},
+    "afa": {"model": {"use_afa": True}},
+    "apc": {"model": {"pooling": "akp"}, "loss": {"use_pcl": True}},
+    "trt": {"model": {"use_trt": True}},
 }
 # A chain is refine.methods, or a dict of refine overrides with its methods (other thresholds, ...).
 CHAINS: dict[str, list[list[str] | dict]] = {
     "toco": [[], ["par"], ["crf"], ["par", "crf"]],
     "vit_cam": [[], ["par", "crf"]],
     "afa": [["par", "crf"], ["random_walk"], ["random_walk", "par", "crf"],
-            {"methods": ["random_walk", "par", "crf"], "high": 0.55, "low": 0.35}],  # AFA's own thresholds
+            {"methods": ["random_walk", "par", "crf"], "thresholds": {"high": 0.55, "low": 0.35}}],  # AFA's own thresholds
     "apc": [[], ["par", "crf"]],
     "trt": [[], ["par", "crf"], ["fg_prior"], {"methods": ["fg_prior"], "fg_power": 0.25}, ["fg_prior", "par", "crf"],
             {"methods": ["fg_prior", "par", "crf"], "fg_power": 0.25}],
@@ -52,12 +52,22 @@ CHAIN_FILTER: set[str] = set()  # --chain: refine runs to keep, by tag (cam, par
 SEED: int | None = None  # --seed: runtime.seed of every run (data order, augmentation, initialisation)
 
 
+def merge(base: dict, overrides: dict) -> dict:
+    """``overrides`` merged into ``base``, nested sections key by key."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def write_params(path: Path, classifier: dict, refine: dict | None = None) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     if SEED is not None:
         params["runtime"]["seed"] = SEED
-    params["train_classifier"].update(classifier)
-    params["refine"].update(refine or {})
+    merge(params["train_classifier"], classifier)
+    merge(params["refine"], refine or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -108,7 +118,9 @@ def run_variant(name: str, out: Path, manifest: Path, times: dict, from_dvc: boo
         chain = overrides["methods"]
         extra = {k: v for k, v in overrides.items() if k != "methods"}
         tag = "+".join(chain) or "cam"
-        tag += "".join(f"_{k}{v}" for k, v in sorted(extra.items()))
+        flat = {f"{k}.{k2}" if isinstance(v, dict) else k: v2 if isinstance(v, dict) else v
+                for k, v in extra.items() for k2, v2 in (v.items() if isinstance(v, dict) else [(None, v)])}
+        tag += "".join(f"_{k.rsplit('.', 1)[-1]}{v}" for k, v in sorted(flat.items()))
         if CHAIN_FILTER and tag not in CHAIN_FILTER:
             continue
         run_dir = work / f"refine_{tag}"

@@ -18,8 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from refinement.crf import (CrfConfig, _infer, _pairwise_crf, _softmax_with_background,  # noqa: E402
-                        crf_two_thresholds)
+from refinement.crf import CrfConfig, _infer, _pairwise_crf, _softmax_with_background, crf_two_thresholds  # noqa: E402
 
 
 def synthetic_case(height: int = 375, width: int = 500, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

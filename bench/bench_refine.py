@@ -24,10 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from config.schema import Params, PrepareConfig, RuntimeConfig, ShapesConfig, load_params  # noqa: E402
 from shards.manifest import read_classes  # noqa: E402
-from config.schema import ShapesConfig  # noqa: E402
 from stages import dump_cams, prepare, refine, shapes  # noqa: E402
-from config.schema import Params, PrepareConfig, RefineParams, RuntimeConfig  # noqa: E402
+
+SHIPPED = load_params(ROOT / "params.yaml")  # the CPU preset: the architecture and settings measured
 
 
 def build(root: Path, images: int) -> tuple[Path, Path]:
@@ -40,7 +41,7 @@ def build(root: Path, images: int) -> tuple[Path, Path]:
     shapes.run(ShapesConfig(num_train=images, num_val=1), root / "shapes", progress=False)
     prepare.run(PrepareConfig(root=str(root / "shapes"), rows_per_shard=16), root / "manifest", progress=False)
     names = read_classes(root / "manifest")["class_names"]
-    cfg = toco_config(Params().train_classifier, len(names) - 1)
+    cfg = toco_config(SHIPPED.train_classifier, len(names) - 1)
     torch.manual_seed(0)
     save_weights(ToCo(cfg), root / "classifier", config_to_json(cfg, names))
     return root / "manifest", root / "classifier"
@@ -48,7 +49,7 @@ def build(root: Path, images: int) -> tuple[Path, Path]:
 
 def dump(root: Path, manifest: Path, classifier: Path, threads: int) -> dict:
     params = Params(runtime=RuntimeConfig(num_threads=threads), dump_cams=dataclasses.replace(
-        Params().dump_cams, splits=("train",)))
+        SHIPPED.dump_cams, splits=("train",)))
     return dump_cams.run(params, manifest, classifier, root / "cams", progress=False)
 
 
@@ -75,12 +76,12 @@ def timings(args: argparse.Namespace) -> None:
         result = dump(root, manifest, classifier, args.threads)
         print(f"dump_cams: {result['images']} images in {result['seconds']:.1f} s = "
               f"{result['images'] / result['seconds']:.1f} images/s (CPU, {args.threads} thread(s), "
-              f"image_size {Params().dump_cams.image_size}, scales {list(Params().dump_cams.scales)})")
+              f"image_size {SHIPPED.dump_cams.image_size}, scales {list(SHIPPED.dump_cams.scales)})")
         print("\n| methods | processes | images/s | seconds |\n| --- | --- | --- | --- |")
         for methods in (("par",), ("crf",), ("par", "crf")):
             for workers in args.workers:
                 params = Params(runtime=RuntimeConfig(num_threads=args.threads, num_workers=workers),
-                                refine=RefineParams(methods=methods))
+                                refine=dataclasses.replace(SHIPPED.refine, methods=methods))
                 out = root / f"pseudo-{'-'.join(methods)}-{workers}"
                 started = time.perf_counter()
                 done = refine.run(params, root / "cams", manifest, out, progress=False)

@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from config.schema import load_params  # noqa: E402
 from models.stem import create_stem  # noqa: E402
-from config.loader import build, read_yaml  # noqa: E402
-from config.schema import ClassifierParams  # noqa: E402
 
 
 def timed(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -37,7 +36,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 384])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    p = build(ClassifierParams, read_yaml(args.params).get("train_classifier"), where="train_classifier")
+    p = load_params(args.params).train_classifier.model
     cnn = create_stem(p.stem, output_stride=p.stem_output_stride, frozen=True).module  # the timm CNN itself
     torch.manual_seed(0)
     print(f"# {p.stem} (output stride {p.stem_output_stride}) forward, batch {args.batch}, torch {torch.__version__}, "

@@ -21,18 +21,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
+from config.schema import PRESETS_DIR, ClassifierParams, load_params  # noqa: E402
 from models.toco import ToCo  # noqa: E402
-from config.loader import build, read_yaml  # noqa: E402
 from training.classifier_model import toco_config  # noqa: E402
-from config.schema import ClassifierParams  # noqa: E402
 from training.toco_step import ToCoTrainer  # noqa: E402
-from stages.train_classifier import step_config  # noqa: E402
 
-PAPER = dict(backbone="vit_base_patch16_224", patch_size=0, embed_dim=0, depth=0, num_heads=0, crop_size=448,
-             local_crops=8, local_crop_size=96, seg_dim=512, proj_hidden_dim=2048, proj_bottleneck_dim=256,
-             proj_out_dim=1024, cam_scales=(1.0,))
+PRESETS = {"cpu": ROOT / "params.yaml", "paper": PRESETS_DIR / "voc-vitb16.yaml"}
 
 
 def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
@@ -46,9 +43,9 @@ def measure(p: ClassifierParams, batch: int, device: torch.device, bf16: bool, f
     torch.manual_seed(0)
     model = ToCo(toco_config(p, num_classes)).to(device)
     set_fused_attention(model, fused)
-    trainer = ToCoTrainer(model, step_config(dataclasses.replace(p, seg_start_iter=0)))
+    trainer = ToCoTrainer(model, dataclasses.replace(p.loss, seg_start_iter=0))
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
-    s = p.crop_size
+    s = p.augment.crop_size
     x = torch.randn(batch, 3, s, s, device=device)
     valid = torch.ones(batch, s, s, dtype=torch.bool, device=device)
     labels = torch.zeros(batch, num_classes, device=device)
@@ -105,15 +102,16 @@ def largest_batch(p, device, bf16, fused, start=8, limit=512) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=("cpu", "paper"), default="cpu")
-    parser.add_argument("--params", default=str(Path(__file__).resolve().parent.parent / "params.yaml"))
+    parser.add_argument("--params", help="a params file instead of the preset's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
-    p = build(ClassifierParams, read_yaml(args.params).get("train_classifier"), where="train_classifier")
-    if args.preset == "paper":
-        p = dataclasses.replace(p, **PAPER)
+    p = load_params(args.params or PRESETS[args.preset]).train_classifier
+    # one training pass per step (cam_scales [1.0]) and random weights: the step's cost, nothing downloaded
+    p = dataclasses.replace(p, loss=dataclasses.replace(p.loss, cam_scales=(1.0,)),
+                            model=dataclasses.replace(p.model, pretrained="none"))
     rows = []
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 baseline
@@ -124,11 +122,11 @@ def main() -> None:
             rows.append((f"{rows[-1][0]} (largest batch)", measure(p, big, device, bf16, fused, args.steps,
                                                                    args.warmup)))
     else:
-        rows.append(("fp32 fused (CPU)", measure(p, p.batch_size, device, False, True, args.steps, args.warmup)))
-        rows.append(("fp32 eager (CPU)", measure(p, p.batch_size, device, False, False, args.steps, args.warmup)))
+        rows.append(("fp32 fused (CPU)", measure(p, p.optim.batch_size, device, False, True, args.steps, args.warmup)))
+        rows.append(("fp32 eager (CPU)", measure(p, p.optim.batch_size, device, False, False, args.steps, args.warmup)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
-    print(f"# ToCo train step, preset {args.preset}, backbone {p.backbone} patch {p.patch_size or 'default'} "
-          f"@ {p.crop_size}px, {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"# ToCo train step, preset {args.preset}, backbone {p.model.backbone} patch {p.model.patch_size or 'default'} "
+          f"@ {p.augment.crop_size}px, {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| setting | batch | images/s | s/step | peak memory (GiB) | speed vs first row |")
     print("| --- | --- | --- | --- | --- | --- |")
     base = rows[0][1]["img_s"]

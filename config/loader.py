@@ -22,6 +22,7 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+from models.configs import param  # noqa: F401  (the field convention this loader reads; stdlib only)
 from shards.fingerprint import to_dict  # noqa: F401  (re-exported: one definition, used with the loader)
 
 T = TypeVar("T")
@@ -29,22 +30,6 @@ T = TypeVar("T")
 
 class ParamsError(ValueError):
     """A params file or override that does not fit the schema; the message names file and key."""
-
-
-def param(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-          choices: tuple | None = None, help: str = "") -> Any:
-    """A dataclass field with a documented default and an allowed range or set of values.
-
-    ``lo``/``hi`` are inclusive bounds on numbers (on every element for tuples of numbers).
-    Mutable defaults (lists, dicts) are turned into tuples / default factories automatically.
-    """
-    metadata = {"lo": lo, "hi": hi, "choices": choices, "help": help}
-    if isinstance(default, list):
-        default = tuple(default)
-    if isinstance(default, dict):
-        frozen = dict(default)
-        return dataclasses.field(default_factory=lambda: dict(frozen), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _type_name(tp: Any) -> str:
@@ -139,10 +124,16 @@ def build(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "") -> T
         raise ParamsError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    settable = sorted(name for name, f in fields.items() if not f.metadata.get("derived"))
     unknown = sorted(set(data) - set(fields))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ParamsError(f"{key}: unknown key (allowed: {', '.join(sorted(fields))})")
+        raise ParamsError(f"{key}: unknown key (allowed: {', '.join(settable)})")
+    derived = sorted(name for name in data if fields[name].metadata.get("derived"))
+    if derived:
+        key = f"{where}.{derived[0]}" if where else derived[0]
+        raise ParamsError(f"{key}: set by the stage from the data ({fields[derived[0]].metadata.get('help')}); "
+                          "remove it")
     kwargs = {}
     for name, field in fields.items():
         key = f"{where}.{name}" if where else name

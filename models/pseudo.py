@@ -7,21 +7,11 @@ image's tags can win a pixel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from models.configs import ThresholdConfig
 from models.par import ParConfig, refine_with_par, working_size
-
-
-@dataclass(frozen=True)
-class ThresholdConfig:
-    """CAM thresholds; VOC defaults of the ToCo code (COCO: bkg 0.45, high 0.65, low 0.25)."""
-
-    bkg: float = 0.5  # plain rule: class if max CAM > bkg else background
-    high: float = 0.7  # ignore-middle rule: class above high; background plane of the "high" PAR run
-    low: float = 0.25  # ignore-middle rule: background at or below low; background plane of the "low" run
 
 
 def _max_present(cams: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

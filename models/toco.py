@@ -8,9 +8,6 @@ token for CTC. No head uses the class token for classification.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,61 +15,12 @@ from torch import nn
 from models import attention
 from models.affinity import AffinityHead
 from models.backbone import create_vit, patch_grid
+from models.configs import ToCoConfig
 from models.ctc import EmaTeacher, ProjectionHead
 from models.pooling import adaptive_k_pool
 from models.trt import ReAttention, foreground_map, preliminary_attention, select_tokens
 
 HEADS = ("final", "aux", "fg")  # "fg": TRT's class-agnostic foreground map (use_trt)
-POOLINGS = ("gmp", "akp")
-
-
-@dataclass(frozen=True)
-class ToCoConfig:
-    """The network of METHODS.md §1; defaults are the reference's VOC values."""
-
-    backbone: str = "vit_base_patch16_224"  # any timm ViT with forward_intermediates
-    num_classes: int = 20  # K foreground classes
-    img_size: int = 448  # grid the position embedding is resized to (28×28 tokens at patch 16)
-    patch_size: int | None = None  # None: the backbone name's patch size
-    pretrained: str = "none"  # "none", "hub" or a local .safetensors / .pth file
-    drop_path_rate: float = 0.0
-    freeze_pos_embed: bool = True  # the reference freezes the interpolated position embedding
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
-    stem: str = ""  # timm CNN whose features replace the patch embedding ("" = plain patches); models/stem.py
-    stem_weights: str = ""  # local weight file of the whole stem CNN ("" = random init)
-    stem_output_stride: int = 16  # the stem's last stage is dilated to keep this stride (8, 16 or 32)
-    freeze_stem: bool = False  # keep the pretrained stem fixed (no gradient, BatchNorm in eval mode)
-    aux_layer: int = -3  # block whose (pre-norm) tokens feed the auxiliary classifier
-    use_aux: bool = True
-    use_seg_head: bool = True
-    use_ctc: bool = True
-    seg_dim: int = 512  # LargeFOV hidden channels
-    seg_dilation: int = 5
-    proj_hidden_dim: int = 2048
-    proj_bottleneck_dim: int = 256
-    proj_out_dim: int = 1024
-    proj_norm_last_layer: bool = True  # weight-norm magnitude fixed at 1 (DINO)
-    ema_momentum: float = 0.9  # teacher ← m·teacher + (1 − m)·student
-    pooling: str = "gmp"  # gmp: global max pooling (ToCo) | akp: APC's Adaptive-K pooling of patch logits
-    akp_ratio: float = 0.8  # akp: K = patches whose sigmoid score >= ratio × the best patch's
-    use_afa: bool = False  # AFA affinity head on the raw attention scores of the last afa_layers blocks
-    afa_layers: int = 2
-    use_trt: bool = False  # TRT token selection + masked re-attention: a class-agnostic foreground map
-    trt_theta: float = 0.6  # cumulative preliminary-attention mass of the kept tokens (CUB 0.6, ImageNet 0.95)
-
-    def validate(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if not 0.0 < self.akp_ratio <= 1.0:
-            raise ValueError(f"akp_ratio must be in (0, 1], got {self.akp_ratio}")
-        if not 0.0 < self.trt_theta <= 1.0:
-            raise ValueError(f"trt_theta must be in (0, 1], got {self.trt_theta}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if not 0.0 <= self.ema_momentum <= 1.0:
-            raise ValueError(f"ema_momentum must be in [0, 1], got {self.ema_momentum}")
-        if self.aux_layer == -1:
-            raise ValueError("aux_layer -1 is the last block; the auxiliary head needs an earlier one")
 
 
 class LargeFOV(nn.Module):
@@ -99,10 +47,10 @@ class ToCo(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else create_vit(
-            cfg.backbone, img_size=cfg.img_size, pretrained=cfg.pretrained, patch_size=cfg.patch_size,
+            cfg.backbone, img_size=cfg.img_size, pretrained=cfg.pretrained, patch_size=cfg.patch_size or None,
             drop_path_rate=cfg.drop_path_rate, freeze_pos_embed=cfg.freeze_pos_embed, stem=cfg.stem,
             stem_weights=cfg.stem_weights, stem_output_stride=cfg.stem_output_stride, freeze_stem=cfg.freeze_stem,
-            **cfg.backbone_kwargs)
+            **cfg.backbone_kwargs())
         depth = len(self.backbone.blocks)
         if not -depth <= cfg.aux_layer < depth:
             raise ValueError(f"aux_layer {cfg.aux_layer} is outside the backbone's {depth} blocks")

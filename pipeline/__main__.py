@@ -7,6 +7,8 @@
     python -m pipeline relabel NAME                                    one collection as a flow run
     python -m pipeline inbox                                           one relabel-inbox flow run, now
     python -m pipeline deps [--check]                                  dvc.yaml code deps from the import graph
+    python -m pipeline params [--check] [FILE ...]                     params comments from the schema's help
+    python -m pipeline preset NAME [--out FILE]                        write a preset (config/presets/) as params
 
 Run from the repository root (``--root`` otherwise). ``serve`` needs ``prefect server start --host 127.0.0.1``
 in another terminal; the other flow commands use that server when PREFECT_API_URL is set, else a temporary one.
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("inbox", help="run relabel-inbox once, now")
     deps = commands.add_parser("deps", help="regenerate dvc.yaml's code deps from the import graph")
     deps.add_argument("--check", action="store_true", help="only check; exit 1 when dvc.yaml is out of date")
+    docs = commands.add_parser("params", help="rewrite params files' key comments from the schema's help texts")
+    docs.add_argument("files", nargs="*", help="params files (default: params.yaml and every preset)")
+    docs.add_argument("--check", action="store_true", help="only check; exit 1 when a file differs")
+    preset = commands.add_parser("preset", help="apply a preset: write config/presets/NAME.yaml as params.yaml")
+    preset.add_argument("name", nargs="?", help="preset name; none = list them")
+    preset.add_argument("--out", default="params.yaml", help="params file to write (default: params.yaml)")
     args = parser.parse_args(argv)
 
     root = Path(args.root).resolve()
@@ -48,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import codedeps
 
         return codedeps.main(args.check, root / "dvc.yaml")
+    if args.command == "params":
+        from pipeline import params_files
+
+        return params_files.document(root, [Path(f) for f in args.files], check=args.check)
+    if args.command == "preset":
+        from pipeline import params_files
+
+        return params_files.apply_preset(root, args.name, root / args.out)
     try:
         cfg = load_section(OrchestrationConfig, root / "params.yaml", "orchestration")
     except ParamsError as exc:

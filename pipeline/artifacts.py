@@ -69,8 +69,9 @@ def collection_markdown(name: str, status: str, current: dict[str, Any] | None, 
         ("dump_cams", f"image_size {p.get('dump_cams', {}).get('image_size')}, scales "
                       f"{_fmt(p.get('dump_cams', {}).get('scales'))}, predict_threshold "
                       f"{p.get('dump_cams', {}).get('predict_threshold')}"),
-        ("refine", f"methods {_fmt(p.get('refine', {}).get('methods'))}, high {p.get('refine', {}).get('high')}, "
-                   f"low {p.get('refine', {}).get('low')}"),
+        ("refine", f"methods {_fmt(p.get('refine', {}).get('methods'))}, high "
+                   f"{p.get('refine', {}).get('thresholds', {}).get('high')}, "
+                   f"low {p.get('refine', {}).get('thresholds', {}).get('low')}"),
     ]
     lines.append(_table(rows))
     if summary.get("reject_rows"):

@@ -15,7 +15,7 @@ runs combine as ToCo's: the high run's class; where it says background, 255; whe
   CPU. First in the chain this is AFA/ToCo's CRF pseudo label (``crf_two_thresholds``); after ``par`` the
   PAR-refined probabilities are the CRF unaries; ``[crf, par]`` diffuses the CRF marginals with PAR.
 - ``random_walk`` (AFA): each image's stack is area-resized to its affinity's token grid, propagated one step by
-  T = A' / (row sum + ``rw_eps``) (A' = affinities within ``rw_radius`` tokens, to the power ``rw_power``;
+  T = A' / (row sum + ``random_walk.eps``) (A' = affinities within ``random_walk.radius`` tokens, to ``random_walk.power``;
   ``models/affinity.py``) and resized back (bilinear). First among the stack methods it runs, as AFA does, on the
   raw [background plane, CAMs] values before the softmax; later it propagates the probabilities and renormalises
   them. Needs the ``affinity`` column of CAM shards dumped from a classifier trained with ``use_afa``.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from config.schema import RefineParams
 from models.affinity import propagate
-from models.par import ParConfig, refine_with_par, working_size
+from models.par import refine_with_par, working_size
 from models.pseudo import background_logits, cams_with_background, present_softmax
 from models.trt import fg_prior
 
@@ -52,19 +52,6 @@ def check_methods(methods: tuple[str, ...], first_row: dict | None, source: str 
             raise ValueError(f"refine.methods: {method} needs the CAM column {column!r}, which {source or 'the CAM shards'}"
                              f" lack (row {first_row.get('image_id')!r}); train the classifier with "
                              f"train_classifier.{flag}: true and dump its CAMs again")
-
-
-def par_config(p: RefineParams) -> ParConfig:
-    return ParConfig(dilations=p.par_dilations, num_iter=p.par_iterations, w1=p.par_w1, w2=p.par_w2,
-                     scale=p.par_scale)
-
-
-def crf_config(p: RefineParams):
-    from refinement.crf import CrfConfig  # pydensecrf only where a CRF runs (GPU machines lack it)
-
-    return CrfConfig(iterations=p.crf_iterations, gauss_sxy=p.crf_gauss_sxy, gauss_compat=p.crf_gauss_compat,
-                     bilateral_sxy=p.crf_bilateral_sxy, bilateral_srgb=p.crf_bilateral_srgb,
-                     bilateral_compat=p.crf_bilateral_compat)
 
 
 def crf_step(rgbs: list[np.ndarray], stacks: torch.Tensor, counts: list[int], runs: int, cfg) -> torch.Tensor:
@@ -93,7 +80,7 @@ def walk_stacks(stacks: torch.Tensor, sizes: list[tuple[int, int]], affinities: 
             continue
         affinity, grid = entry
         walked = propagate(stacks[b, :, :h, :w], torch.as_tensor(affinity, device=stacks.device), grid,
-                           p.rw_radius, p.rw_power, p.rw_eps)
+                           p.random_walk.radius, p.random_walk.power, p.random_walk.eps)
         if renormalise:  # probabilities: every run's planes sum to 1 again (T's rows sum to less than 1)
             walked = walked.view(runs, -1, h, w)
             walked = (walked / walked.sum(dim=1, keepdim=True).clamp(min=1e-12)).view(-1, h, w)
@@ -133,7 +120,7 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
         valid[b, :h, :w] = True
     present = (slot_to_label[:, 1:] > 0).float()  # (B, P)
     cam_t, images, valid, present = (t.to(device) for t in (cam_t, images, valid, present))
-    backgrounds = (p.high, p.low) if p.ignore_band else (p.bkg,)
+    backgrounds = (p.thresholds.high, p.thresholds.low) if p.ignore_band else (p.thresholds.bkg,)
     n_runs = len(backgrounds)
     methods = [m for m in p.methods if m != "fg_prior"]  # the methods that map stacks to stacks
     affinities = [e.get("affinity") for e in extras]
@@ -147,13 +134,13 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
         methods = methods[1:]
     else:
         # ToCo's order when PAR comes first: resize CAMs to PAR's working resolution, then softmax
-        size = working_size(height, width, p.par_scale) if methods[:1] == ["par"] else None
+        size = working_size(height, width, p.par.scale) if methods[:1] == ["par"] else None
         stacks = torch.cat([cams_with_background(cam_t, present, t, size) for t in backgrounds], dim=1)
     for method in methods:  # (B, runs * (P+1), H, W) -> same
         if method == "par":
-            stacks = refine_with_par(images, stacks, par_config(p), valid)
+            stacks = refine_with_par(images, stacks, p.par, valid)
         elif method == "crf":
-            stacks = crf_step(rgbs, stacks, [len(c) for c in classes], n_runs, crf_config(p))
+            stacks = crf_step(rgbs, stacks, [len(c) for c in classes], n_runs, p.crf)
         elif method == "random_walk":
             if stacks.shape[-2:] != (height, width):
                 stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)

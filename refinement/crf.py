@@ -10,32 +10,14 @@ bilateral (position + colour) kernel, both with Potts compatibility, mean-field 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from config.loader import param
+from config.schema import CrfConfig
 
 PROB_FLOOR = 1e-8  # -log(0) is inf; probabilities are clipped here before the log
-
-
-@dataclass(frozen=True)
-class CrfConfig:
-    """Kernel widths and weights; defaults are the pseudo-label values of the ToCo/AFA code."""
-
-    iterations: int = param(10, lo=1, hi=100, help="mean-field iterations")
-    gauss_sxy: float = param(3.0, lo=0.01, hi=1000, help="Gaussian (smoothness) kernel width, pixels")
-    gauss_compat: float = param(3.0, lo=0, hi=100, help="Gaussian kernel weight (Potts compatibility)")
-    bilateral_sxy: float = param(36.0, lo=0.01, hi=1000, help="bilateral (appearance) kernel width, pixels")
-    bilateral_srgb: float = param(3.0, lo=0.01, hi=255, help="bilateral kernel colour width, RGB units 0..255")
-    bilateral_compat: float = param(4.0, lo=0, hi=100, help="bilateral kernel weight (Potts compatibility)")
-
-
-# Segmenter evaluation (METHODS.md §2): a narrow Gaussian and a wide, more colour-tolerant bilateral kernel.
-EVAL_CRF = CrfConfig(gauss_sxy=1.0, gauss_compat=1.0, bilateral_sxy=121.0, bilateral_srgb=5.0,
-                     bilateral_compat=4.0)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -93,10 +75,10 @@ def crf_inference(image: np.ndarray, probs: np.ndarray, cfg: CrfConfig = CrfConf
     return _infer(_pairwise_crf(image, probs.shape[0], cfg), probs, cfg.iterations)
 
 
-def crf_refine_probs(image: np.ndarray, probs: np.ndarray, cfg: CrfConfig = EVAL_CRF) -> np.ndarray:
-    """Plain refinement of a segmenter's full (K+1, H, W) probability stack, with the evaluation kernels.
+def crf_refine_probs(image: np.ndarray, probs: np.ndarray, cfg: CrfConfig) -> np.ndarray:
+    """Plain refinement of a segmenter's full (K+1, H, W) probability stack (``evaluate.crf``'s kernels).
 
-    Same as :func:`crf_inference` but defaults to :data:`EVAL_CRF`, and renormalises the input over C first
+    Same as :func:`crf_inference`, but renormalises the input over C first
     (fp16 storage or resizing leaves sums slightly off 1). Returns (K+1, H, W) float32.
     """
     probs = np.asarray(probs, dtype=np.float32)

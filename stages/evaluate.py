@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from config.schema import EvaluateParams, load_params_or_exit
 from parallel import shard_map
-from refinement.crf import CrfConfig, crf_refine_probs
+from refinement.crf import crf_refine_probs
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.manifest import manifest_files
 from shards.metrics import ConfusionMatrix
@@ -46,12 +46,6 @@ from training.segmenter_model import load_segmenter, predict_views
 log = logging.getLogger("evaluate")
 VARIANTS = ("single", "ms_flip", "ms_flip_crf")
 CHUNK = 10  # images per task of a worker
-
-
-def crf_config(p: EvaluateParams) -> CrfConfig:
-    return CrfConfig(iterations=p.crf_iterations, gauss_sxy=p.crf_gauss_sxy, gauss_compat=p.crf_gauss_compat,
-                     bilateral_sxy=p.crf_bilateral_sxy, bilateral_srgb=p.crf_bilateral_srgb,
-                     bilateral_compat=p.crf_bilateral_compat)
 
 
 def confusion_rows(matrix: np.ndarray, class_names: list[str], rows: int) -> str:
@@ -102,10 +96,10 @@ def load_worker_model(segmenter_dir: str, device: str) -> None:
 def evaluate_chunk(task: ChunkTask) -> dict[str, Any]:
     """Confusion matrices of the three variants over the chunk's images, and the shown images' predictions."""
     model, device = _WORKER["model"], _WORKER["device"]
-    p, crf = task.params, crf_config(task.params)
+    p = task.params
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and p.bf16 else None
     images = GroundTruthImages(RowIndex(task.files), task.rows)
-    matrices = {v: ConfusionMatrix(task.num_classes) for v in (VARIANTS if p.crf else VARIANTS[:2])}
+    matrices = {v: ConfusionMatrix(task.num_classes) for v in (VARIANTS if p.use_crf else VARIANTS[:2])}
     panels = []
     for i, row in enumerate(task.rows):
         item = images[i]
@@ -114,8 +108,8 @@ def evaluate_chunk(task: ChunkTask) -> dict[str, Any]:
                                    autocast=autocast)  # (K+1, H, W) each
         labels = {"single": single.argmax(0).numpy().astype(np.uint8),
                   "ms_flip": ms.argmax(0).numpy().astype(np.uint8)}
-        if p.crf:  # on the multi-scale prediction only: ~0.1 s per image at 9 labels, as much as the network
-            labels["ms_flip_crf"] = crf_refine_probs(rgb, ms.numpy(), crf).argmax(axis=0).astype(np.uint8)
+        if p.use_crf:  # on the multi-scale prediction only: ~0.1 s per image at 9 labels, as much as the network
+            labels["ms_flip_crf"] = crf_refine_probs(rgb, ms.numpy(), p.crf).argmax(axis=0).astype(np.uint8)
         for variant, label in labels.items():
             matrices[variant].update(gt, label)
         if row in task.shown:
@@ -137,7 +131,7 @@ def run(params, segmenter_dir: Path, manifest_dir: Path, metrics_path: Path | No
                                               .round().astype(int).tolist()))) if p.overlays else ()
     tasks = [ChunkTask(tuple(map(str, files)), tuple(rows[i: i + CHUNK]), shown, p, len(class_names))
              for i in range(0, len(rows), CHUNK)]
-    matrices = {v: ConfusionMatrix(len(class_names)) for v in (VARIANTS if p.crf else VARIANTS[:2])}
+    matrices = {v: ConfusionMatrix(len(class_names)) for v in (VARIANTS if p.use_crf else VARIANTS[:2])}
     panels: list[dict[str, Any]] = []  # in row order: tasks are merged in order
     started = time.perf_counter()
     bar = tqdm(total=len(rows), desc="evaluate", unit="img", disable=not progress)
@@ -154,15 +148,15 @@ def run(params, segmenter_dir: Path, manifest_dir: Path, metrics_path: Path | No
     bar.close()
     seconds = time.perf_counter() - started
     log.info("evaluate: %d images in %.1f s (%.2f images/s; scales %s, flip %s, crf %s, %d process(es))", len(rows),
-             seconds, len(rows) / max(seconds, 1e-9), list(p.scales), p.flip, p.crf, params.runtime.num_workers)
+             seconds, len(rows) / max(seconds, 1e-9), list(p.scales), p.flip, p.use_crf, params.runtime.num_workers)
 
     summaries = {v: m.summary(class_names) for v, m in matrices.items()}
     result: dict[str, Any] = {
         "miou": summaries["single"]["miou"],
         "miou_ms_flip": summaries["ms_flip"]["miou"],
-        "miou_ms_flip_crf": summaries["ms_flip_crf"]["miou"] if p.crf else None,
+        "miou_ms_flip_crf": summaries["ms_flip_crf"]["miou"] if p.use_crf else None,
         "per_class": summaries["single"]["per_class"],
-        "per_class_ms_flip_crf": summaries["ms_flip_crf"]["per_class"] if p.crf else None,
+        "per_class_ms_flip_crf": summaries["ms_flip_crf"]["per_class"] if p.use_crf else None,
         "accuracy": round(100 * float(np.trace(matrices["single"].matrix)) / max(matrices["single"].matrix.sum(), 1),
                           2),
         "images": len(rows), "split": p.split, "size": p.size, "scales": list(p.scales), "flip": p.flip,
@@ -170,10 +164,10 @@ def run(params, segmenter_dir: Path, manifest_dir: Path, metrics_path: Path | No
     if metrics_path is not None:
         atomic_write_json(metrics_path, result)
     if confusion_path is not None:
-        best = matrices["ms_flip_crf" if p.crf else "ms_flip"].matrix
+        best = matrices["ms_flip_crf" if p.use_crf else "ms_flip"].matrix
         atomic_write_bytes(confusion_path, confusion_rows(best, class_names, p.confusion_rows).encode())
     if overlays_dir is not None:
-        write_overlays(panels, Path(overlays_dir), palette, p.crf)
+        write_overlays(panels, Path(overlays_dir), palette, p.use_crf)
     return result
 
 

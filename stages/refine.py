@@ -9,7 +9,7 @@ The chain (``refinement/chain.py``): CAMs upsampled to the working size (the ori
 capped at ``max_side``), background planes at ``high`` and ``low`` (softmax stacks), the refiners of
 ``methods`` in order (any of ``par``, ``crf``; ``[]`` = thresholds only), arg-max, ToCo's combination (0 /
 class / 255). Masks are stored at the original size, with their per-instance boxes (``boxes``: connected
-components of each class, ``shards/boxes.py``; ``box_min_pixels``, ``box_connectivity``) for detection users.
+components of each class, ``shards/boxes.py``; ``boxes.min_pixels``, ``boxes.connectivity``) for detection users.
 
 Parallel and resumable: one task per shard in a process pool (``runtime.num_workers``; "forkserver", as forking a
 process that runs torch is unsafe); every shard is computed by the same function whatever the pool size, so 1 and

@@ -13,7 +13,6 @@ again, resumes from it and ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -25,13 +24,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from config.loader import to_dict
 from config.schema import ClassifierParams, load_params_or_exit
-from models.par import ParConfig
-from models.pseudo import ThresholdConfig
 from models.toco import ToCo, param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import atomic_write_json
@@ -39,24 +36,23 @@ from shards.manifest import manifest_files, read_classes
 from shards.sampling import RowIndex
 from training import runtime as rt
 from training.cam_eval import evaluate_classifier
-from training.checkpoint import resume, save_checkpoint, save_weights
+from training.checkpoint import resume, save_weights
 from training.classifier_model import config_to_json, toco_config
-from training.data import AugmentConfig, EvalImages, TrainCrops
-from training.loop import batches, lr_factor
-from training.toco_step import StepConfig, ToCoTrainer
+from training.data import EvalImages, TrainCrops
+from training.loop import (
+    Throughput,
+    accumulate,
+    batch_stream,
+    log_losses,
+    lr_factor,
+    make_optimizer,
+    open_live,
+    save_resume_state,
+    step_optimizer,
+)
+from training.toco_step import ToCoTrainer
 
 log = logging.getLogger("train_classifier")
-
-
-def step_config(p: ClassifierParams) -> StepConfig:
-    return StepConfig(
-        use_aux=p.use_aux, use_ptc=p.use_ptc, use_ctc=p.use_ctc, use_seg=p.use_seg, aux_weight=p.aux_weight,
-        ptc_weight=p.ptc_weight, ctc_weight=p.ctc_weight, seg_weight=p.seg_weight,
-        seg_start_iter=p.seg_start_iter, ctc_temperature=p.ctc_temperature,
-        thresholds=ThresholdConfig(p.bkg_threshold, p.high_threshold, p.low_threshold), par=ParConfig(),
-        cam_scales=p.cam_scales, local_crops=p.local_crops, local_crop_size=p.local_crop_size,
-        use_pcl=p.use_pcl, pcl_weight=p.pcl_weight, use_afa=p.use_afa, afa_weight=p.afa_weight,
-        afa_radius=p.afa_radius, use_trt=p.use_trt, trt_weight=p.trt_weight)
 
 
 def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path: Path | None = None,
@@ -71,17 +67,14 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     rows = np.array([i for i, t in enumerate(tags) if t is not None], dtype=np.int64)  # untagged rows can't train
     if len(rows) == 0:
         raise ValueError(f"{manifest_dir}: no tagged training images")
-    aug = AugmentConfig(p.crop_size, p.base_size, p.scale_range, p.jitter)
-    train_set = TrainCrops(train_index, num_classes, aug, params.runtime.seed)
+    train_set = TrainCrops(train_index, num_classes, p.augment, params.runtime.seed)
     val_files = manifest_files(manifest_dir, "val")
     val_set = EvalImages(RowIndex(val_files), num_classes, p.eval_size) if val_files else None
 
     model = ToCo(toco_config(p, num_classes)).to(env.device)
-    trainer = ToCoTrainer(model, step_config(p))
-    backbone, heads = param_groups(model)
-    optimizer = torch.optim.AdamW([{"params": backbone, "lr": p.lr}, {"params": heads, "lr": p.lr * p.head_lr_mult}],
-                                  lr=p.lr, weight_decay=p.weight_decay, betas=p.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p))
+    trainer = ToCoTrainer(model, p.loss)
+    optimizer = make_optimizer(*param_groups(model), p.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.optim))
     generator = torch.Generator(device=env.device).manual_seed(params.runtime.seed * 1000 + env.rank)
     key = fingerprint(to_dict(p), code=code_version("stages.train_classifier"),
                       inputs=[manifest_dir], extra=[params.runtime.seed, env.world_size])
@@ -89,50 +82,32 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
                         rank=env.rank)
     wrapped = DistributedDataParallel(trainer, find_unused_parameters=True) if env.distributed else trainer
 
-    live = None
-    if env.is_main and live_dir is not None:
-        from dvclive import Live
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=step > 0)
-    stream = batches(rows, train_index, seed=params.runtime.seed, batch=p.batch_size,
-                     start=step * p.grad_accum, rank=env.rank, world=env.world_size)
-    # Its own generator: creating the loader must not draw from the global RNG (resume equality).
-    loader = DataLoader(_EpochRows(train_set), batch_sampler=stream, num_workers=p.num_workers,
-                        generator=torch.Generator().manual_seed(0), persistent_workers=p.num_workers > 0)
-    data = iter(loader)
-    bar = tqdm(total=p.iterations, initial=step, desc="train_classifier", unit="step",
+    live = open_live(live_dir, env, resumed=step > 0)
+    data = batch_stream(train_set, rows, train_index, seed=params.runtime.seed, p=p.optim, step=step, env=env,
+                        num_workers=p.num_workers)
+    bar = tqdm(total=p.optim.iterations, initial=step, desc="train_classifier", unit="step",
                disable=not (progress and env.is_main))
-    seen, tick = 0, time.perf_counter()
+    throughput = Throughput()
     step_seconds, steps_timed = 0.0, 0  # optimizer steps only (no evaluation, no checkpoint): metrics' s/step
     model.train()
-    while step < p.iterations:
+
+    def losses_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return wrapped(batch["image"].to(env.device), batch["valid"].to(env.device),
+                       batch["labels"].to(env.device), step, generator)
+
+    while step < p.optim.iterations:
         started = time.perf_counter()
-        for micro in range(p.grad_accum):
-            batch = next(data)
-            last = micro == p.grad_accum - 1
-            with contextlib.nullcontext() if (last or not env.distributed) else wrapped.no_sync():
-                with env.autocast(p.bf16):
-                    losses = wrapped(batch["image"].to(env.device), batch["valid"].to(env.device),
-                                     batch["labels"].to(env.device), step, generator)
-                (losses["total"] / p.grad_accum).backward()
-            seen += batch["image"].shape[0] * env.world_size
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses, seen = accumulate(wrapped, data, p.optim, env, p.bf16, losses_of)
+        step_optimizer(optimizer, scheduler)
         model.update_teacher()
         step += 1
+        throughput.seen += seen
         step_seconds += time.perf_counter() - started
         steps_timed += 1
         bar.update(1)
-        if step % p.log_every == 0 and live is not None:
-            elapsed = time.perf_counter() - tick
-            for name, value in losses.items():
-                live.log_metric(f"train/loss_{name}", float(value.detach()))
-            live.log_metric("train/lr", scheduler.get_last_lr()[0])
-            live.log_metric("train/images_per_s", seen / max(elapsed, 1e-9))
-            live.next_step()
-            bar.set_postfix(loss=f"{float(losses['total'].detach()):.3f}", ips=f"{seen / max(elapsed, 1e-9):.0f}")
-            seen, tick = 0, time.perf_counter()
-        if step % p.eval_every == 0 and env.is_main and val_set is not None and step < p.iterations:
+        if step % p.log_every == 0:
+            log_losses(live, bar, losses, scheduler.get_last_lr()[0], throughput.report())
+        if step % p.eval_every == 0 and env.is_main and val_set is not None and step < p.optim.iterations:
             subset = Subset(val_set, range(min(p.eval_images, len(val_set))))
             result = evaluate_classifier(model, subset, classes, scales=(1.0,), device=env.device,
                                          autocast=env.autocast(p.bf16))
@@ -140,17 +115,8 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
                 live.log_metric("val/f1", result["f1"])
                 if "cam_miou" in result:
                     live.log_metric("val/cam_miou", result["cam_miou"])
-        if step % p.checkpoint_every == 0 and step < p.iterations:
-            generators = [torch.empty(0)] * env.world_size
-            if env.distributed:
-                torch.distributed.all_gather_object(generators, generator.get_state())
-            else:
-                generators = [generator.get_state()]
-            if env.is_main:
-                save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "generator": generators,
-                                       "torch_rng": torch.get_rng_state(), "step": step})
-            rt.barrier(env)
+        if step % p.checkpoint_every == 0 and step < p.optim.iterations:
+            save_resume_state(ckpt, env, step, model, optimizer, scheduler, generator)
     bar.close()
     result: dict[str, Any] = {}
     if env.is_main:
@@ -159,7 +125,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
         if val_set is not None:
             result = evaluate_classifier(model, val_set, classes, scales=p.eval_cam_scales, device=env.device,
                                          autocast=env.autocast(p.bf16), progress=progress)
-        result["iterations"] = p.iterations
+        result["iterations"] = p.optim.iterations
         if steps_timed:
             result["seconds_per_step"] = round(step_seconds / steps_timed, 4)
         if metrics_path is not None:
@@ -171,21 +137,6 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     rt.barrier(env)
     rt.teardown(env)
     return result
-
-
-class _EpochRows(torch.utils.data.Dataset):
-    """Indexes TrainCrops by (epoch, row) so that workers need no shared epoch counter."""
-
-    def __init__(self, crops: TrainCrops):
-        self.crops = crops
-
-    def __len__(self) -> int:
-        return len(self.crops)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, row = key
-        self.crops.epoch = epoch
-        return self.crops[row]
 
 
 def main(argv: list[str] | None = None) -> int:

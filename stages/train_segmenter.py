@@ -15,7 +15,6 @@ again, resumes from it and ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -28,7 +27,6 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from config.loader import to_dict
@@ -38,14 +36,23 @@ from shards.fingerprint import code_version, fingerprint
 from shards.io import read_metadata
 from shards.manifest import manifest_files
 from shards.metrics import ConfusionMatrix
+from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex
 from training import runtime as rt
-from training.checkpoint import resume, save_checkpoint, save_weights
-from training.loop import batches, lr_factor
+from training.checkpoint import resume, save_weights
+from training.loop import (
+    Throughput,
+    accumulate,
+    batch_stream,
+    log_losses,
+    lr_factor,
+    make_optimizer,
+    open_live,
+    save_resume_state,
+    step_optimizer,
+)
 from training.segmenter_data import (
-    IGNORE_INDEX,
     GroundTruthImages,
-    PairAugmentConfig,
     PseudoLabelCrops,
     rows_with_masks,
 )
@@ -58,14 +65,6 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
     """Mean CE over pixels whose target is not 255; 0 (not NaN) when a batch has none."""
     total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (target != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def make_optimizer(model: DeepLab, p: SegmenterParams) -> torch.optim.Optimizer:
-    backbone, heads = param_groups(model)
-    groups = [{"params": backbone, "lr": p.lr}, {"params": heads, "lr": p.lr * p.head_lr_mult}]
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    return torch.optim.AdamW(groups, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay)
 
 
 def val_miou(model: torch.nn.Module, images: GroundTruthImages, num_classes: int, device, autocast) -> float:
@@ -101,13 +100,12 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
     rows = np.flatnonzero(ignored < 1.0)  # a mask that is all 255 teaches nothing
     if len(rows) == 0:
         raise ValueError(f"{pseudo_dir}: every training pseudo mask is entirely ignored")
-    crops = PseudoLabelCrops(index, PairAugmentConfig(p.crop_size, p.base_size, p.scale_range, p.jitter),
-                             params.runtime.seed)
+    crops = PseudoLabelCrops(index, p.augment, params.runtime.seed)
     evals = val_images(manifest_dir, p.eval_images) if env.is_main and p.eval_every > 0 else None
 
     model = DeepLab(deeplab_config(p, len(class_names))).to(env.device)
-    optimizer = make_optimizer(model, p)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p))
+    optimizer = make_optimizer(*param_groups(model), p.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.optim))
     key = fingerprint(to_dict(p), code=code_version("stages.train_segmenter"), inputs=[pseudo_dir],
                       extra=[params.runtime.seed, env.world_size])
     ckpt, step = resume(ckpt_dir, key, model, optimizer, scheduler, is_main=env.is_main)
@@ -117,60 +115,40 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
     wrapped = DistributedDataParallel(model) if env.distributed else model
 
-    live = None
-    if env.is_main and live_dir is not None:
-        from dvclive import Live
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=step > 0)
-    stream = batches(rows, index, seed=params.runtime.seed, batch=p.batch_size, start=step * p.grad_accum,
-                     rank=env.rank, world=env.world_size)
-    # Its own generator: creating the loader must not draw from the global RNG (resume equality).
-    loader = DataLoader(crops, batch_sampler=stream, num_workers=p.num_workers,
-                        generator=torch.Generator().manual_seed(0), persistent_workers=p.num_workers > 0)
-    data = iter(loader)
-    bar = tqdm(total=p.iterations, initial=step, desc="train_segmenter", unit="step",
+    live = open_live(live_dir, env, resumed=step > 0)
+    data = batch_stream(crops, rows, index, seed=params.runtime.seed, p=p.optim, step=step, env=env,
+                        num_workers=p.num_workers)
+    bar = tqdm(total=p.optim.iterations, initial=step, desc="train_segmenter", unit="step",
                disable=not (progress and env.is_main))
-    seen, tick, started = 0, time.perf_counter(), time.perf_counter()
+    throughput, started = Throughput(), time.perf_counter()
     model.train()
-    while step < p.iterations:
-        for micro in range(p.grad_accum):
-            batch = next(data)
-            images, target = batch["image"].to(env.device), batch["mask"].to(env.device)  # (B, 3, S, S), (B, S, S)
-            last = micro == p.grad_accum - 1
-            with contextlib.nullcontext() if (last or not env.distributed) else wrapped.no_sync():
-                with env.autocast(p.bf16):
-                    out = wrapped(images)
-                loss = masked_cross_entropy(out["out"], target)
-                if "aux" in out:
-                    loss = loss + p.aux_weight * masked_cross_entropy(out["aux"], target)
-                (loss / p.grad_accum).backward()
-            seen += images.shape[0] * env.world_size
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+
+    def losses_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images, target = batch["image"].to(env.device), batch["mask"].to(env.device)  # (B, 3, S, S), (B, S, S)
+        out = wrapped(images)
+        loss = masked_cross_entropy(out["out"], target)
+        if "aux" in out:
+            loss = loss + p.aux_weight * masked_cross_entropy(out["aux"], target)
+        return {"total": loss}
+
+    while step < p.optim.iterations:
+        losses, seen = accumulate(wrapped, data, p.optim, env, p.bf16, losses_of)
+        step_optimizer(optimizer, scheduler)
         step += 1
+        throughput.seen += seen
         bar.update(1)
-        if step % p.log_every == 0 and live is not None:
-            elapsed = time.perf_counter() - tick
-            live.log_metric("train/loss", float(loss.detach()))
-            live.log_metric("train/lr", scheduler.get_last_lr()[0])
-            live.log_metric("train/images_per_s", seen / max(elapsed, 1e-9))
-            live.next_step()
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ips=f"{seen / max(elapsed, 1e-9):.0f}")
-            seen, tick = 0, time.perf_counter()
+        if step % p.log_every == 0:
+            log_losses(live, bar, losses, scheduler.get_last_lr()[0], throughput.report())
         if p.eval_every and step % p.eval_every == 0 and evals is not None:
             miou = val_miou(model, evals, len(class_names), env.device, env.autocast(p.bf16))
             bar.write(f"step {step}: val mIoU {miou:.2f} ({len(evals)} images, single scale)")
             if live is not None:
                 live.log_metric("val/miou", miou)
-        if step % p.checkpoint_every == 0 and step < p.iterations:
-            if env.is_main:
-                save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                                       "step": step})
-            rt.barrier(env)
+        if step % p.checkpoint_every == 0 and step < p.optim.iterations:
+            save_resume_state(ckpt, env, step, model, optimizer, scheduler)
     bar.close()
     seconds = time.perf_counter() - started
-    result: dict[str, Any] = {"iterations": p.iterations, "train_images": int(len(rows)), "fingerprint": key}
+    result: dict[str, Any] = {"iterations": p.optim.iterations, "train_images": int(len(rows)), "fingerprint": key}
     if env.is_main:
         if synced:
             model = _plain_batchnorm(model)
@@ -178,8 +156,8 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
                                       "params": to_dict(p)})
         if live is not None:
             live.end()
-        crops_done = (p.iterations - first_step) * p.batch_size * p.grad_accum * env.world_size
-        log.info("train_segmenter: %d steps in %.1f s (%.1f crops/s)", p.iterations - first_step, seconds,
+        crops_done = (p.optim.iterations - first_step) * p.optim.batch_size * p.optim.grad_accum * env.world_size
+        log.info("train_segmenter: %d steps in %.1f s (%.1f crops/s)", p.optim.iterations - first_step, seconds,
                  crops_done / max(seconds, 1e-9))
     rt.barrier(env)
     rt.teardown(env)

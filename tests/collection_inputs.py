@@ -12,17 +12,18 @@ from pathlib import Path
 
 import torch
 
+from config.schema import AugmentConfig, ClassifierParams, ShapesConfig
+from models.configs import ToCoConfig
 from models.toco import ToCo
-from config.schema import ShapesConfig
-from synth.shapes import CLASS_NAMES
 from stages import shapes
+from synth.shapes import CLASS_NAMES
 from training.checkpoint import save_weights
 from training.classifier_model import config_to_json, toco_config
-from config.schema import ClassifierParams
 
-TINY_CLASSIFIER = ClassifierParams(backbone="vit_tiny_patch16_224", stem="", patch_size=8, embed_dim=32, depth=4,
-                                   num_heads=2, crop_size=32, seg_dim=16, proj_hidden_dim=32,
-                                   proj_bottleneck_dim=16, proj_out_dim=32)
+TINY_CLASSIFIER = ClassifierParams(  # a 4-block, 32-wide ViT on 8-px patches: builds and runs in milliseconds
+    model=ToCoConfig(backbone="vit_tiny_patch16_224", stem="", patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                     seg_dim=16, proj_hidden_dim=32, proj_bottleneck_dim=16, proj_out_dim=32),
+    augment=AugmentConfig(crop_size=32))
 # What the relabel tests override in params.yaml: small CAMs, one refine process.
 TINY_RELABEL = {
     "runtime": {"num_threads": 1, "num_workers": 1},

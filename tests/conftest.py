@@ -19,28 +19,39 @@ TINY = {
     "prepare": {"rows_per_shard": 16},
     "dump_cams": {"image_size": 64, "cam_size": 32, "predict_size": 64},
     "train_classifier": {
-        "stem": "", "patch_size": 8,
-        "embed_dim": 32, "depth": 4, "num_heads": 2, "crop_size": 48, "base_size": 64, "batch_size": 4,
-        "iterations": 4, "warmup_iters": 1, "eval_every": 2, "eval_images": 2, "checkpoint_every": 2,
-        "log_every": 1, "local_crops": 2, "local_crop_size": 24, "seg_start_iter": 2, "seg_dim": 16,
-        "proj_hidden_dim": 32, "proj_bottleneck_dim": 16, "proj_out_dim": 32, "eval_size": 64,
+        "model": {"stem": "", "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "seg_dim": 16,
+                  "proj_hidden_dim": 32, "proj_bottleneck_dim": 16, "proj_out_dim": 32},
+        "loss": {"local_crops": 2, "local_crop_size": 24, "seg_start_iter": 2},
+        "augment": {"crop_size": 48, "base_size": 64},
+        "optim": {"batch_size": 4, "iterations": 4, "warmup_iters": 1},
+        "eval_every": 2, "eval_images": 2, "checkpoint_every": 2, "log_every": 1, "eval_size": 64,
         "eval_cam_scales": [1.0],
     },
     # a 0.3M-parameter backbone with random weights: a training step takes a few hundredths of a second
     "train_segmenter": {
-        "backbone": "mobilenetv3_small_050", "pretrained": "none", "aspp_channels": 16, "decoder_channels": 16,
-        "low_level_channels": 8, "crop_size": 48, "batch_size": 4, "iterations": 4, "eval_every": 2,
-        "eval_images": 2, "checkpoint_every": 2, "log_every": 1,
+        "model": {"backbone": "mobilenetv3_small_050", "pretrained": "none", "aspp_channels": 16,
+                  "decoder_channels": 16, "low_level_channels": 8},
+        "augment": {"crop_size": 48},
+        "optim": {"batch_size": 4, "iterations": 4},
+        "eval_every": 2, "eval_images": 2, "checkpoint_every": 2, "log_every": 1,
     },
     "evaluate": {"scales": [1.0, 0.75], "overlays": 2, "confusion_rows": 100},
 }
 
 
+def merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in, nested sections key by key (in place; returns ``base``)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and value and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def tiny_params(overrides: dict | None = None) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in {**TINY, **(overrides or {})}.items():
-        params.setdefault(section, {}).update(values)
-    return params
+    return merge(merge(params, TINY), overrides or {})
 
 
 def make_project(dest: Path, params: dict) -> Path:

@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from config.schema import ExportParams, Params
 from shards.boxes import mask_boxes
 from shards.images import encode_mask
 from shards.io import ShardSet, atomic_write_json
 from shards.metrics import ConfusionMatrix
 from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
 from shards.records import voc_palette
-from config.schema import ExportParams, Params
 
 CLASS_NAMES = ["background", "disc", "box", "bar"]
 PRODUCER = {"stage": "refine", "code_version": "c0de", "params_fingerprint": "f00d",

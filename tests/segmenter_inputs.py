@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from config.schema import PrepareConfig, ShapesConfig
 from shards.images import decode_mask_png, encode_mask
 from shards.io import ShardSet
 from shards.manifest import manifest_files, read_classes
 from shards.pseudo_labels import mask_stats, pseudo_label_schema
-from config.schema import ShapesConfig
 from stages import prepare, shapes
-from config.schema import PrepareConfig
+
 
 def write_manifest(root: Path, num_train: int = 16, num_val: int = 6, rows_per_shard: int = 8) -> Path:
     shapes.run(ShapesConfig(num_train=num_train, num_val=num_val, min_side=64, max_side=96), root / "shapes",

@@ -5,7 +5,6 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import run
 
 pytestmark = pytest.mark.slow
@@ -64,8 +63,8 @@ def test_dvc_repro_through_evaluate_then_a_refine_change_reruns_only_what_follow
 
     # The seed-method options (AFA, APC, TRT) with one `dvc exp run -S ...`: classifier, CAMs and refine rerun, and
     # the CAM shards carry the fg map and the affinity that refine's fg_prior and random_walk read.
-    exp = run(["dvc", "exp", "run", "-S", "train_classifier.use_afa=true", "-S", "train_classifier.use_trt=true",
-               "-S", "train_classifier.pooling=akp", "-S", "train_classifier.use_pcl=true",
+    exp = run(["dvc", "exp", "run", "-S", "train_classifier.model.use_afa=true", "-S", "train_classifier.model.use_trt=true",
+               "-S", "train_classifier.model.pooling=akp", "-S", "train_classifier.loss.use_pcl=true",
                "-S", "refine.methods=[fg_prior,random_walk,par,crf]"], project).stdout
     ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage")}
     assert {"train_classifier", "dump_cams", "refine", "evaluate"} <= ran, exp[-2000:]

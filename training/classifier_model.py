@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from config.schema import ClassifierParams
-from models.toco import ToCo, ToCoConfig
+from models.configs import ToCoConfig
+from models.toco import ToCo
 from training.checkpoint import load_weights
 
 
@@ -29,19 +30,10 @@ def resolve_weights(spec: str) -> str:
 
 
 def toco_config(p: ClassifierParams, num_classes: int) -> ToCoConfig:
-    backbone_kwargs = {k: v for k, v in (("embed_dim", p.embed_dim), ("depth", p.depth),
-                                         ("num_heads", p.num_heads)) if v}
-    backbone_kwargs["dynamic_img_pad"] = True  # any image size: timm pads to a patch multiple
-    return ToCoConfig(
-        backbone=p.backbone, num_classes=num_classes, img_size=p.crop_size, patch_size=p.patch_size or None,
-        pretrained=p.pretrained, drop_path_rate=p.drop_path_rate, freeze_pos_embed=p.freeze_pos_embed,
-        backbone_kwargs=backbone_kwargs, aux_layer=p.aux_layer, use_aux=p.use_aux,
-        stem=p.stem, stem_weights=resolve_weights(p.stem_weights) if p.stem else "",
-        stem_output_stride=p.stem_output_stride, freeze_stem=p.freeze_stem, use_seg_head=p.use_seg, use_ctc=p.use_ctc, seg_dim=p.seg_dim, proj_hidden_dim=p.proj_hidden_dim,
-        proj_bottleneck_dim=p.proj_bottleneck_dim, proj_out_dim=p.proj_out_dim, ema_momentum=p.ema_momentum,
-        pooling=p.pooling, akp_ratio=p.akp_ratio, use_afa=p.use_afa, afa_layers=p.afa_layers, use_trt=p.use_trt,
-        trt_theta=p.trt_theta,
-    )
+    """The network of ``train_classifier.model`` with the data's class count and the crop's grid; a ``pkg:`` stem
+    weight spec resolved to its file."""
+    cfg = p.toco(num_classes)
+    return dataclasses.replace(cfg, stem_weights=resolve_weights(cfg.stem_weights) if cfg.stem else "")
 
 
 def config_to_json(cfg: ToCoConfig, class_names: list[str]) -> dict[str, Any]:
@@ -53,6 +45,20 @@ def config_to_json(cfg: ToCoConfig, class_names: list[str]) -> dict[str, Any]:
 def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> tuple[ToCo, list[str]]:
     """The trained classifier of a ``train_classifier`` output folder (safetensors: no code runs on load)."""
     state, config = load_weights(folder)
-    model = ToCo(ToCoConfig(**config["toco"]))
+    model = ToCo(ToCoConfig(**_current_fields(config["toco"])))
     model.load_state_dict(state)
     return model.to(device).eval(), list(config["class_names"])
+
+
+def _current_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``config.json`` of an earlier version (one ``backbone_kwargs`` dict) in today's fields."""
+    fields = dict(saved)
+    extra = dict(fields.pop("backbone_kwargs", {}) or {})
+    for name in ("embed_dim", "depth", "num_heads", "dynamic_img_pad"):
+        if name in extra:
+            fields[name] = extra.pop(name)
+    if extra:
+        fields["timm_kwargs"] = {**extra, **fields.get("timm_kwargs", {})}
+    if fields.get("patch_size") is None:
+        fields["patch_size"] = 0
+    return fields

@@ -8,7 +8,6 @@ run reproduces the interrupted one without saving any RNG state for the data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,19 +15,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from config.schema import AugmentConfig
 from shards.images import decode_mask_png, decode_rgb, resize_long
+from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex, RowReader
+from training.transforms import augment_pair
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    crop_size: int
-    base_size: int  # resize the long side to this first (0 = keep the original size)
-    scale_range: tuple[float, float]
-    jitter: float  # brightness/contrast/saturation strength
 
 
 def multi_hot(tags: list[int] | None, num_classes: int) -> np.ndarray:
@@ -67,52 +61,24 @@ def resize_to_multiple(rgb: np.ndarray, long_side: int, multiple: int) -> np.nda
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
 
 
-def augment(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Rescale, flip, colour-jitter and pad-crop; returns (crop (S, S, 3) uint8, valid (S, S) bool)."""
-    rgb = resize_long(rgb, cfg.base_size)
-    scale = rng.uniform(*cfg.scale_range)
-    h, w = rgb.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
-    if rng.random() < 0.5:
-        rgb = rgb[:, ::-1]
-    if cfg.jitter > 0:
-        x = rgb.astype(np.float32)
-        x *= rng.uniform(1 - cfg.jitter, 1 + cfg.jitter)  # brightness
-        mean = x.mean()
-        x = (x - mean) * rng.uniform(1 - cfg.jitter, 1 + cfg.jitter) + mean  # contrast
-        grey = x.mean(axis=2, keepdims=True)
-        x = (x - grey) * rng.uniform(1 - cfg.jitter, 1 + cfg.jitter) + grey  # saturation
-        rgb = np.clip(x, 0, 255).astype(np.uint8)
-    s = cfg.crop_size
-    h, w = rgb.shape[:2]
-    # Pad to at least S x S at a random offset, then crop S x S at a random offset (the reference's random crop).
-    canvas = np.zeros((max(h, s), max(w, s), 3), dtype=np.uint8)
-    valid = np.zeros(canvas.shape[:2], dtype=bool)
-    oy = int(rng.integers(0, canvas.shape[0] - h + 1))
-    ox = int(rng.integers(0, canvas.shape[1] - w + 1))
-    canvas[oy:oy + h, ox:ox + w] = rgb
-    valid[oy:oy + h, ox:ox + w] = True
-    cy = int(rng.integers(0, canvas.shape[0] - s + 1))
-    cx = int(rng.integers(0, canvas.shape[1] - s + 1))
-    return canvas[cy:cy + s, cx:cx + s], valid[cy:cy + s, cx:cx + s]
-
-
 class TrainCrops(Dataset):
-    """Augmented training crops of the tagged rows of some manifest shards; set ``epoch`` before each epoch."""
+    """Augmented training crops of the tagged rows of some manifest shards, indexed by (epoch, row) so that loader
+    workers need no shared epoch counter; ``valid`` marks the image inside the crop's padding."""
 
     def __init__(self, index: RowIndex, num_classes: int, cfg: AugmentConfig, seed: int):
         self.reader = RowReader(index, columns=["image", "tags"], cache_groups=8)
         self.num_classes, self.cfg, self.seed = num_classes, cfg, seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.reader.index)
 
-    def __getitem__(self, number: int) -> dict[str, Any]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, number = key
         row = self.reader.row(number)
-        rng = np.random.default_rng([self.seed, self.epoch, number])
-        crop, valid = augment(decode_rgb(row["image"]["bytes"]), self.cfg, rng)
+        rng = np.random.default_rng([self.seed, epoch, number])
+        rgb = decode_rgb(row["image"]["bytes"])
+        crop, mask = augment_pair(rgb, np.ones(rgb.shape[:2], np.uint8), self.cfg, rng)
+        valid = mask != IGNORE_INDEX
         return {
             "image": to_tensor(crop),  # (3, S, S)
             "valid": torch.from_numpy(np.ascontiguousarray(valid)),  # (S, S)

@@ -1,90 +1,32 @@
 """Training crops of image + pseudo mask pairs for ``train_segmenter``, streamed from pseudo-label shards.
 
-Paired augmentation (DeepLab's): optional resize of the long side, random rescale by U(lo, hi) (image bilinear,
-mask nearest), horizontal flip, colour jitter of the image only, then a random crop after padding to the crop size
-(image with 0, mask with 255 = ignore, so padding never trains). Each sample's randomness comes from
+Paired augmentation (DeepLab's; the one pair transform of training/transforms.py): optional resize of the long
+side, random rescale by U(lo, hi) (image bilinear, mask nearest), horizontal flip, colour jitter of the image only,
+then a random crop after padding to the crop size (image with 0, mask with 255 = ignore, so padding never trains). Each sample's randomness comes from
 ``np.random.default_rng([seed, epoch, row])``, as in training/data.py: independent of worker count and order, and a
 resumed run reproduces the interrupted one without saving any data RNG state.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from config.schema import AugmentConfig
 from shards.images import decode_mask_png, decode_rgb
 from shards.sampling import RowIndex, RowReader
 from training.data import to_tensor
-
-IGNORE_INDEX = 255
-
-
-@dataclass(frozen=True)
-class PairAugmentConfig:
-    crop_size: int
-    base_size: int  # resize the long side to this first (0 = keep the original size)
-    scale_range: tuple[float, float]
-    jitter: float  # brightness/contrast/saturation strength; 0 = off
-
-
-def resize_pair(rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Image bilinear, mask nearest (class ids must not blend) to ``size`` = (W, H)."""
-    if size == (rgb.shape[1], rgb.shape[0]):
-        return rgb, mask
-    return (np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR)),
-            np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)))
-
-
-def jitter_colours(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    x = rgb.astype(np.float32)
-    x *= rng.uniform(1 - strength, 1 + strength)  # brightness
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean  # contrast
-    grey = x.mean(axis=2, keepdims=True)
-    x = (x - grey) * rng.uniform(1 - strength, 1 + strength) + grey  # saturation
-    return np.clip(x, 0, 255).astype(np.uint8)
-
-
-def augment_pair(rgb: np.ndarray, mask: np.ndarray, cfg: PairAugmentConfig,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 image + (H, W) uint8 mask -> (S, S, 3) crop + (S, S) mask (255 where padded)."""
-    if rgb.shape[:2] != mask.shape:
-        raise ValueError(f"image {rgb.shape[:2]} and mask {mask.shape} differ in size")
-    h, w = mask.shape
-    if cfg.base_size > 0:
-        scale = cfg.base_size / max(h, w)
-        rgb, mask = resize_pair(rgb, mask, (max(1, round(w * scale)), max(1, round(h * scale))))
-        h, w = mask.shape
-    scale = rng.uniform(*cfg.scale_range)
-    rgb, mask = resize_pair(rgb, mask, (max(1, round(w * scale)), max(1, round(h * scale))))
-    if rng.random() < 0.5:
-        rgb, mask = rgb[:, ::-1], mask[:, ::-1]
-    if cfg.jitter > 0:
-        rgb = jitter_colours(rgb, cfg.jitter, rng)
-    s = cfg.crop_size
-    h, w = mask.shape
-    # Pad to at least S x S at a random offset, then crop S x S at a random offset.
-    canvas = np.zeros((max(h, s), max(w, s), 3), dtype=np.uint8)
-    labels = np.full(canvas.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-    oy = int(rng.integers(0, canvas.shape[0] - h + 1))
-    ox = int(rng.integers(0, canvas.shape[1] - w + 1))
-    canvas[oy:oy + h, ox:ox + w] = rgb
-    labels[oy:oy + h, ox:ox + w] = mask
-    cy = int(rng.integers(0, canvas.shape[0] - s + 1))
-    cx = int(rng.integers(0, canvas.shape[1] - s + 1))
-    return canvas[cy:cy + s, cx:cx + s], labels[cy:cy + s, cx:cx + s]
+from training.transforms import augment_pair
 
 
 class PseudoLabelCrops(Dataset):
     """Augmented (image, pseudo mask) crops, indexed by (epoch, row) so workers need no shared epoch counter."""
 
-    def __init__(self, index: RowIndex, cfg: PairAugmentConfig, seed: int):
+    def __init__(self, index: RowIndex, cfg: AugmentConfig, seed: int):
         self.reader = RowReader(index, columns=["image", "mask"], cache_groups=8)
         self.cfg, self.seed = cfg, seed
 

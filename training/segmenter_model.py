@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from config.schema import SegmenterParams
-from models.deeplab import DeepLab, DeepLabConfig
+from models.configs import DeepLabConfig
+from models.deeplab import DeepLab
 from shards.images import resize_long
 from training.checkpoint import load_weights
 from training.classifier_model import resolve_weights
@@ -25,13 +26,11 @@ from training.data import to_tensor
 
 
 def deeplab_config(p: SegmenterParams, num_classes: int) -> DeepLabConfig:
-    """``num_classes`` counts background (K+1)."""
-    pretrained = p.pretrained if p.pretrained in ("none", "hub", "") else resolve_weights(p.pretrained)
-    return DeepLabConfig(
-        num_classes=num_classes, head=p.head, backbone=p.backbone, pretrained=pretrained or "none",
-        output_stride=p.output_stride, aspp_dilations=tuple(p.aspp_dilations), aspp_channels=p.aspp_channels,
-        decoder_channels=p.decoder_channels, low_level_channels=p.low_level_channels, aspp_dropout=p.aspp_dropout,
-        aux=p.aux, freeze_bn=p.freeze_bn)
+    """The network of ``train_segmenter.model`` with ``num_classes`` (background included, K+1); a ``pkg:`` or file
+    weight spec resolved to its file."""
+    cfg = p.deeplab(num_classes)
+    pretrained = cfg.pretrained if cfg.pretrained in ("none", "hub", "") else resolve_weights(cfg.pretrained)
+    return dataclasses.replace(cfg, pretrained=pretrained or "none")
 
 
 def config_to_json(cfg: DeepLabConfig, class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> dict[str, Any]:

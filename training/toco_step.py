@@ -9,8 +9,6 @@ no-grad multi-scale CAM. The EMA teacher projects the student's detached class t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,44 +16,18 @@ from torch import nn
 from models.affinity import affinity_loss, affinity_targets
 from models.backbone import patch_stride
 from models.cam import cam_to_size, cams_at_tokens, multiscale_cam, normalise_cams, valid_at_tokens
+from models.configs import ToCoLossConfig
 from models.ctc import ViewAugConfig, augment_view, region_from_labels, sample_local_crops
 from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, pcl_loss, ptc_loss
-from models.par import ParConfig
-from models.pseudo import ThresholdConfig, label_ignore_middle, online_pseudo_labels
+from models.pseudo import label_ignore_middle, online_pseudo_labels
 from models.toco import ToCo
 from training.data import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 IGNORE = 255
 
 
-@dataclass(frozen=True)
-class StepConfig:
-    use_aux: bool
-    use_ptc: bool
-    use_ctc: bool
-    use_seg: bool
-    aux_weight: float
-    ptc_weight: float
-    ctc_weight: float
-    seg_weight: float
-    seg_start_iter: int
-    ctc_temperature: float
-    thresholds: ThresholdConfig
-    par: ParConfig
-    cam_scales: tuple[float, ...]
-    local_crops: int
-    local_crop_size: int
-    use_pcl: bool = False
-    pcl_weight: float = 0.2
-    use_afa: bool = False
-    afa_weight: float = 0.1
-    afa_radius: int = 8
-    use_trt: bool = False
-    trt_weight: float = 1.0
-
-
 class ToCoTrainer(nn.Module):
-    def __init__(self, model: ToCo, cfg: StepConfig):
+    def __init__(self, model: ToCo, cfg: ToCoLossConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
 
@@ -72,18 +44,19 @@ class ToCoTrainer(nn.Module):
     def forward(self, x: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, step: int,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         cfg, model = self.cfg, self.model
+        net = model.cfg  # the heads that exist decide which losses run
         B = x.shape[0]
         views = x
-        if cfg.use_ctc:
+        if net.use_ctc:
             second = augment_view(x, ViewAugConfig(), generator=generator, mean=IMAGENET_MEAN, std=IMAGENET_STD)
             views = torch.cat([x, second], dim=0)  # (2B, 3, S, S): one encoder pass for both global views
-        run_seg = cfg.use_seg and step >= cfg.seg_start_iter
+        run_seg = net.use_seg_head and step >= cfg.seg_start_iter
         out = model(views, with_seg=run_seg)
         zero = x.new_zeros(())
         losses = {"cls": multilabel_cls_loss(out["logits"][:B], labels)}
-        losses["aux"] = multilabel_cls_loss(out["aux_logits"][:B], labels) if cfg.use_aux else zero
+        losses["aux"] = multilabel_cls_loss(out["aux_logits"][:B], labels) if net.use_aux else zero
 
-        need_aux_cam = cfg.use_aux and (cfg.use_ptc or cfg.use_ctc)
+        need_aux_cam = net.use_aux and (cfg.use_ptc or net.use_ctc)
         if need_aux_cam:
             aux_cam = self._cam(out["aux_tokens"][:B], "aux", x, labels, valid)  # (B, K, S, S)
         if cfg.use_ptc and need_aux_cam:
@@ -95,7 +68,7 @@ class ToCoTrainer(nn.Module):
         else:
             losses["ptc"] = zero
 
-        if cfg.use_ctc:
+        if net.use_ctc:
             if need_aux_cam:
                 pixel_labels = label_ignore_middle(aux_cam, labels, cfg.thresholds.high, cfg.thresholds.low, IGNORE)
             else:  # without the aux head every pixel counts as uncertain
@@ -115,7 +88,7 @@ class ToCoTrainer(nn.Module):
             losses["ctc"] = zero
 
         # AFA's affinity loss, like the segmentation head, learns from the PAR-refined online pseudo labels
-        run_afa = cfg.use_afa and step >= cfg.seg_start_iter
+        run_afa = net.use_afa and step >= cfg.seg_start_iter
         final_cam = self._cam(out["tokens"][:B], "final", x, labels, valid) if (run_seg or run_afa or cfg.use_pcl) \
             else None
         pseudo = online_pseudo_labels(final_cam, labels, denormalize(x), cfg.thresholds, cfg.par, valid) \
@@ -134,7 +107,7 @@ class ToCoTrainer(nn.Module):
             losses["pcl"] = pcl_loss(out["tokens"][:B], token_labels)
         else:
             losses["pcl"] = zero
-        losses["trt"] = multilabel_cls_loss(out["trt_logits"][:B], labels) if cfg.use_trt else zero
+        losses["trt"] = multilabel_cls_loss(out["trt_logits"][:B], labels) if net.use_trt else zero
 
         losses["total"] = (losses["cls"] + cfg.aux_weight * losses["aux"] + cfg.ptc_weight * losses["ptc"]
                            + cfg.ctc_weight * losses["ctc"] + cfg.seg_weight * losses["seg"]

@@ -15,7 +15,7 @@ K = 3
 def model():
     torch.manual_seed(0)
     cfg = ToCoConfig(backbone="vit_tiny_patch16_224", num_classes=K, img_size=32, patch_size=8,
-                     backbone_kwargs=dict(embed_dim=32, depth=4, num_heads=2), seg_dim=16, use_ctc=False)
+                     embed_dim=32, depth=4, num_heads=2, seg_dim=16, use_ctc=False)
     return ToCo(cfg).eval()
 
 

@@ -72,13 +72,13 @@ def _naive_par(images, probs, cfg):
             col_sm = softmax(logit)
             aff[y, x] = [(nbs[j], (col_sm[j] + cfg.w2 * pos_sm[j]) / (1 + cfg.w2)) for j in range(n)]
     p = probs[0].tolist()
-    for _ in range(cfg.num_iter):
+    for _ in range(cfg.iterations):
         p = [[[sum(a * pc[yy][xx] for (yy, xx), a in aff[y, x]) for x in range(w)] for y in range(h)] for pc in p]
     return torch.tensor(p)[None]
 
 
 def test_matches_naive_loop():
-    cfg = ParConfig(dilations=(1, 2, 4), num_iter=2, scale=1.0)
+    cfg = ParConfig(dilations=(1, 2, 4), iterations=2, scale=1.0)
     images, probs = _random(b=1, c=2, h=6, w=7, seed=3)
     assert_close(refine_with_par(images, probs, cfg), _naive_par(images, probs, cfg), atol=1e-5, rtol=1e-5)
 
@@ -96,7 +96,7 @@ def test_constant_map_stays_constant():
        scale=st.sampled_from([1.0, 0.5]), seed=st.integers(0, 1000))
 def test_flip_equivariance(b, c, h, w, scale, seed):
     images, probs = _random(b, c, h, w, seed)
-    cfg = ParConfig(num_iter=3, scale=scale)
+    cfg = ParConfig(iterations=3, scale=scale)
     flipped = refine_with_par(images.flip(-1), probs.flip(-1), cfg)
     assert_close(flipped, refine_with_par(images, probs, cfg).flip(-1), atol=1e-5, rtol=1e-5)
 
@@ -106,7 +106,7 @@ def test_flip_equivariance(b, c, h, w, scale, seed):
 def test_class_permutation_equivariance(c, seed):
     images, probs = _random(2, c, 12, 14, seed)
     perm = torch.randperm(c, generator=torch.Generator().manual_seed(seed))
-    cfg = ParConfig(num_iter=3)
+    cfg = ParConfig(iterations=3)
     assert_close(refine_with_par(images, probs[:, perm], cfg), refine_with_par(images, probs, cfg)[:, perm])
 
 

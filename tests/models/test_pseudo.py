@@ -6,8 +6,14 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from models.par import ParConfig
-from models.pseudo import (ThresholdConfig, cams_with_background, label_ignore_middle, label_plain,
-                           online_pseudo_labels, present_class_slots)
+from models.pseudo import (
+    ThresholdConfig,
+    cams_with_background,
+    label_ignore_middle,
+    label_plain,
+    online_pseudo_labels,
+    present_class_slots,
+)
 
 
 def _pixels(values):
@@ -105,7 +111,7 @@ def test_online_pseudo_labels_only_tags_background_or_ignore(seed, k):
     cams = torch.rand(2, k, 12, 10, generator=g)
     labels = (torch.rand(2, k, generator=g) > 0.5).long()
     images = torch.rand(2, 3, 12, 10, generator=g)
-    out = online_pseudo_labels(cams, labels, images, par_cfg=ParConfig(num_iter=2))
+    out = online_pseudo_labels(cams, labels, images, par_cfg=ParConfig(iterations=2))
     for b in range(2):
         allowed = {0, 255} | {c + 1 for c in range(k) if labels[b, c]}
         assert set(out[b].unique().tolist()) <= allowed

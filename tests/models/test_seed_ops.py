@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import attention
-from models.affinity import (affinity_loss, affinity_targets, propagate, radius_mask, random_walk,
-                             transition_matrix)
+from models.affinity import affinity_loss, affinity_targets, propagate, radius_mask, random_walk, transition_matrix
 from models.losses import pcl_loss, ptc_loss
 from models.pooling import adaptive_k_pool
 from models.toco import ToCo, ToCoConfig
@@ -100,8 +99,7 @@ def test_random_walk_spreads_a_class_along_strong_affinity():
 def test_captured_attention_matches_the_fused_block_and_keeps_state_dict_names():
     torch.manual_seed(0)
     model = ToCo(ToCoConfig(backbone="vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8,
-                            use_seg_head=False, use_ctc=False, backbone_kwargs={"embed_dim": 32, "depth": 3,
-                                                                                "num_heads": 2}))
+                            use_seg_head=False, use_ctc=False, embed_dim=32, depth=3, num_heads=2))
     names = set(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     model.eval()
@@ -120,7 +118,7 @@ def test_afa_and_trt_heads_in_toco():
     torch.manual_seed(0)
     model = ToCo(ToCoConfig(backbone="vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8,
                             use_seg_head=False, use_ctc=False, use_afa=True, afa_layers=2, use_trt=True,
-                            backbone_kwargs={"embed_dim": 32, "depth": 3, "num_heads": 2}))
+                            embed_dim=32, depth=3, num_heads=2))
     out = model(torch.randn(2, 3, 32, 48))
     aff, fg = out["affinity_logits"], out["fg"]
     assert aff.shape == (2, 24, 24) and torch.allclose(aff, aff.transpose(1, 2), atol=1e-6)  # symmetric

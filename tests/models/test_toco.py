@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models.cam import multiscale_cam
-from models.ctc import (EmaTeacher, ProjectionHead, ViewAugConfig, augment_view, region_from_labels,
-                        sample_local_crops)
+from models.ctc import EmaTeacher, ProjectionHead, ViewAugConfig, augment_view, region_from_labels, sample_local_crops
 from models.toco import ToCo, ToCoConfig, param_groups
 
 K = 3
@@ -14,7 +13,7 @@ K = 3
 
 def tiny_cfg(**kw):
     base = dict(backbone="vit_tiny_patch16_224", num_classes=K, img_size=32, patch_size=8,
-                backbone_kwargs=dict(embed_dim=32, depth=4, num_heads=2), seg_dim=16,
+                embed_dim=32, depth=4, num_heads=2, seg_dim=16,
                 proj_hidden_dim=64, proj_bottleneck_dim=16, proj_out_dim=24)
     base.update(kw)
     return ToCoConfig(**base)
@@ -95,10 +94,10 @@ def test_multiscale_cam_batches_flips():
 
 
 def test_no_class_token_needs_ctc_off():
-    kwargs = dict(embed_dim=32, depth=4, num_heads=2, class_token=False, global_pool="avg")
+    kwargs = dict(class_token=False, global_pool="avg")
     with pytest.raises(ValueError, match="no class token"):
-        tiny_toco(backbone_kwargs=kwargs)
-    model = tiny_toco(backbone_kwargs=kwargs, use_ctc=False)
+        tiny_toco(timm_kwargs=kwargs)
+    model = tiny_toco(timm_kwargs=kwargs, use_ctc=False)
     out = model(torch.randn(1, 3, 32, 32))
     assert out["cls_token"] is None and out["tokens"].shape == (1, 32, 4, 4)
 
@@ -134,7 +133,7 @@ def test_bf16_autocast_cpu():
 
 def test_hybrid_conv_stem_backbone():
     cfg = tiny_cfg(backbone="vit_tiny_r_s16_p8_224", patch_size=2,
-                   backbone_kwargs=dict(embed_dim=32, depth=4, num_heads=2))
+                   embed_dim=32, depth=4, num_heads=2)
     torch.manual_seed(0)
     model = ToCo(cfg).eval()
     stride = model.backbone.patch_embed.feat_ratio()

@@ -5,9 +5,9 @@ import pytest
 pytest.importorskip("pydensecrf.densecrf")
 pytest.importorskip("distributed")
 
-from stages import dump_cams, refine  # noqa: E402
 from config.schema import DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
 from parallel.shard_map import use_dask  # noqa: E402
+from stages import dump_cams, refine  # noqa: E402
 from tests.stages.test_dump_cams import build_inputs, shard_hashes  # noqa: E402
 
 

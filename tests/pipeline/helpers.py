@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from conftest import make_project, tiny_params
+
 from tests.collection_inputs import TINY_RELABEL, make_classifier, make_collection
 
 

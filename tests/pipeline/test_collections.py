@@ -6,8 +6,8 @@ import time
 import fsspec
 import pytest
 import yaml
-
 from conftest import make_project, run, tiny_params
+
 from pipeline import dvc
 from pipeline.collections import copy_into, file_lock, inbox_folders, register
 from shards.collections import check_name, name_from_path, read_collections

@@ -9,8 +9,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run
+
 from pipeline import dvc
 from pipeline.collections import collection_lock
 from shards.collections import read_collections, read_current
@@ -90,9 +90,9 @@ def test_a_second_run_on_a_busy_collection_skips_and_says_so(prefect_harness, pr
 
 
 def test_produce_runs_stages_in_dag_order_and_publishes(prefect_harness, tmp_path):
-    from pipeline.flows import produce
-
     from conftest import make_project, tiny_params
+
+    from pipeline.flows import produce
 
     project = make_project(tmp_path / "project", tiny_params())
     order = dvc.stage_order(project)

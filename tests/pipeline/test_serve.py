@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tool_env
+
 from tests.pipeline.helpers import artifacts_of, free_port, relabel_project, server_healthy, subflow_runs, wait_for
 
 pytestmark = pytest.mark.slow

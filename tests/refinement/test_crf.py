@@ -6,8 +6,18 @@ import pytest
 pytest.importorskip("pydensecrf.densecrf")
 
 from config.loader import ParamsError, build  # noqa: E402
-from refinement.crf import (EVAL_CRF, CrfConfig, _infer, _pairwise_crf, _softmax_with_background,  # noqa: E402
-                        crf_inference, crf_refine_probs, crf_two_thresholds)
+from config.schema import CrfConfig, load_params  # noqa: E402
+from refinement.crf import (  # noqa: E402
+    _infer,
+    _pairwise_crf,
+    _softmax_with_background,
+    crf_inference,
+    crf_refine_probs,
+    crf_two_thresholds,
+)
+from tests.conftest import ROOT  # noqa: E402
+
+EVAL_CRF = load_params(ROOT / "params.yaml").evaluate.crf  # the segmenter-evaluation kernels
 
 RED, BLUE, GREEN = (200, 40, 40), (40, 40, 200), (40, 190, 40)
 
@@ -42,8 +52,10 @@ def two_colour_image(h=24, w=48, edge=28):
 
 def test_config_defaults_and_ranges():
     assert CrfConfig() == CrfConfig(10, 3.0, 3.0, 36.0, 3.0, 4.0)
+    # the segmenter-evaluation kernels of METHODS.md §2, as params.yaml sets them
     assert (EVAL_CRF.gauss_sxy, EVAL_CRF.gauss_compat, EVAL_CRF.bilateral_sxy, EVAL_CRF.bilateral_srgb,
             EVAL_CRF.bilateral_compat, EVAL_CRF.iterations) == (1.0, 1.0, 121.0, 5.0, 4.0, 10)
+    assert load_params(ROOT / "params.yaml").refine.crf == CrfConfig()  # pseudo labels: the ToCo/AFA values
     assert build(CrfConfig, {"iterations": 5, "bilateral_sxy": 80}).bilateral_sxy == 80.0
     with pytest.raises(ParamsError, match="iterations"):
         build(CrfConfig, {"iterations": 0})

@@ -13,8 +13,14 @@ import yaml
 from PIL import Image
 
 from shards.images import decode_mask, decode_mask_png
-from shards.package import (CHECKSUMS_NAME, PackageError, read_checksums, verify_package, voc_annotation_xml,
-                            write_checksums)
+from shards.package import (
+    CHECKSUMS_NAME,
+    PackageError,
+    read_checksums,
+    verify_package,
+    voc_annotation_xml,
+    write_checksums,
+)
 from shards.readers import open_source
 from shards.records import voc_palette
 from stages import export

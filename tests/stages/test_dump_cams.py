@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from config.schema import DumpCamsParams, Params, PrepareConfig, RuntimeConfig, ShapesConfig
+from models.toco import ToCo
 from shards.cams import decode_cams
 from shards.io import ShardSet, read_metadata
 from shards.manifest import manifest_files, read_classes
-from config.schema import ShapesConfig
 from stages import dump_cams, prepare, shapes
+from tests.collection_inputs import TINY_CLASSIFIER
 from training.checkpoint import save_weights
 from training.classifier_model import config_to_json, toco_config
-from config.schema import ClassifierParams, DumpCamsParams, Params, PrepareConfig, RuntimeConfig
-from models.toco import ToCo
 
 UNTAGGED = ("train-00001.parquet", (0, 2))  # rows whose tags are set to null
 EMPTY = ("train-00001.parquet", 3)  # a row tagged with no foreground class (tags [])
@@ -39,9 +39,7 @@ def build_inputs(root: Path) -> tuple[Path, Path]:
     ShardSet(manifest).write(name, pa.Table.from_pylist(records, schema=table.schema),
                              fingerprint=entry["fingerprint"], split="train")
     names = read_classes(manifest)["class_names"]
-    cfg = toco_config(ClassifierParams(backbone="vit_tiny_patch16_224", stem="", patch_size=8, embed_dim=32, depth=4,
-                                       num_heads=2, crop_size=32, seg_dim=16, proj_hidden_dim=32,
-                                       proj_bottleneck_dim=16, proj_out_dim=32), len(names) - 1)
+    cfg = toco_config(TINY_CLASSIFIER, len(names) - 1)
     torch.manual_seed(0)
     save_weights(ToCo(cfg), root / "classifier", config_to_json(cfg, names))
     return manifest, root / "classifier"

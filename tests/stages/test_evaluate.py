@@ -10,11 +10,12 @@ from PIL import Image
 
 pytest.importorskip("pydensecrf.densecrf")
 
+from config.schema import EvaluateParams, Params, PrepareConfig, RuntimeConfig, SegmenterParams  # noqa: E402
+from models.configs import DeepLabConfig  # noqa: E402
 from models.deeplab import DeepLab  # noqa: E402
 from shards.records import voc_palette  # noqa: E402
 from stages import evaluate, prepare  # noqa: E402
 from training.checkpoint import save_weights  # noqa: E402
-from config.schema import EvaluateParams, Params, PrepareConfig, RuntimeConfig, SegmenterParams  # noqa: E402
 from training.segmenter_model import config_to_json, deeplab_config  # noqa: E402
 
 CLASSES = ["background", "square", "stripe"]
@@ -93,8 +94,9 @@ def test_hand_checked_miou_of_an_oracle(manifest, tmp_path, monkeypatch):
 
 
 def test_a_trained_network_scores_the_same_in_one_process_and_in_a_pool(manifest, tmp_path):
-    p = SegmenterParams(backbone="mobilenetv3_small_050", pretrained="none", aspp_channels=16, decoder_channels=16,
-                        low_level_channels=8)
+    p = SegmenterParams(model=DeepLabConfig(backbone="mobilenetv3_small_050", pretrained="none", head="v3plus",
+                                            output_stride=16, aspp_channels=16, decoder_channels=16,
+                                            low_level_channels=8))
     torch.manual_seed(0)
     model = DeepLab(deeplab_config(p, len(CLASSES)))
     save_weights(model, tmp_path / "segmenter", config_to_json(model.cfg, CLASSES, voc_palette()))

@@ -12,8 +12,8 @@ import torch
 from shards.images import decode_mask_png
 from shards.package import PackageError, verify_package
 from stages import export
-from training.pseudo_dataset import PseudoLabelDataset, RowGroupSampler, TrainTransform
 from tests.export_inputs import CLASS_NAMES, export_params, write_inputs
+from training.pseudo_dataset import PseudoLabelDataset, RowGroupSampler, TrainTransform
 
 
 @pytest.fixture(scope="module")

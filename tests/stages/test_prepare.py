@@ -10,12 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from config.schema import PrepareConfig
 from shards.images import decode_mask_png
 from shards.io import ShardSet, read_metadata
 from shards.manifest import manifest_files
 from shards.records import voc_palette
 from stages import prepare
-from config.schema import PrepareConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["apple", "pear", "plum"]

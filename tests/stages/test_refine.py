@@ -12,16 +12,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("pydensecrf.densecrf")
 
-from models.par import ParConfig  # noqa: E402
-from models.pseudo import ThresholdConfig, online_pseudo_labels  # noqa: E402
+from config.schema import BoxConfig, CrfConfig, DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
+from models.configs import ParConfig, ThresholdConfig  # noqa: E402
+from models.pseudo import online_pseudo_labels  # noqa: E402
+from refinement.chain import refine_chunk  # noqa: E402
+from refinement.crf import crf_two_thresholds  # noqa: E402
 from shards.boxes import mask_boxes  # noqa: E402
 from shards.cams import decode_cams  # noqa: E402
 from shards.io import ShardSet, read_metadata  # noqa: E402
 from shards.pseudo_labels import read_mask  # noqa: E402
 from stages import dump_cams, refine  # noqa: E402
-from refinement.crf import CrfConfig, crf_two_thresholds  # noqa: E402
-from config.schema import DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
-from refinement.chain import refine_chunk  # noqa: E402
 from tests.stages.test_dump_cams import build_inputs, shard_hashes  # noqa: E402
 
 
@@ -61,8 +61,8 @@ def test_default_chain_rows_schema_and_stats(inputs):
     for row in rows_of(root / "pseudo"):
         mask = read_mask(row)
         assert mask.shape == (row["height"], row["width"])
-        assert row["boxes"] == mask_boxes(mask, len(meta["class_names"]), min_pixels=p.box_min_pixels,
-                                          connectivity=p.box_connectivity)
+        assert row["boxes"] == mask_boxes(mask, len(meta["class_names"]), min_pixels=p.boxes.min_pixels,
+                                          connectivity=p.boxes.connectivity)
         boxed += len(row["boxes"])
         assert set(np.unique(mask).tolist()) <= {0, 255, *row["labels"]}
         assert row["image"] == truth[row["image_id"]]["image"]  # copied from the manifest
@@ -84,7 +84,7 @@ def test_empty_chain_is_the_ignore_middle_rule(inputs, tmp_path):
         value, slot = cam.max(dim=0)
         label = np.asarray(cam_row["classes"])[slot.numpy()]
         p = RefineParams()
-        expected = np.where(value > p.high, label, np.where(value > p.low, 255, 0))
+        expected = np.where(value > p.thresholds.high, label, np.where(value > p.thresholds.low, 255, 0))
         np.testing.assert_array_equal(read_mask(row), expected)
 
 
@@ -103,7 +103,8 @@ def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_th
     rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
     cams = rng.random((2, 12, 16), dtype=np.float32)
     full = F.interpolate(torch.from_numpy(cams)[None], size=(24, 32), mode="bilinear", align_corners=False)
-    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("par",), high=0.7, low=0.25), torch.device("cpu"))
+    p = RefineParams(methods=("par",), thresholds=ThresholdConfig(high=0.7, low=0.25))
+    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], p, torch.device("cpu"))
     labels = torch.zeros(1, 5)
     labels[0, [1, 4]] = 1  # classes 2 and 5 of K = 5
     cams_k = torch.zeros(1, 5, 24, 32)
@@ -111,7 +112,8 @@ def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_th
     images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
     expected = online_pseudo_labels(cams_k, labels, images, ThresholdConfig(), ParConfig())[0]
     np.testing.assert_array_equal(mask, expected.numpy())
-    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], RefineParams(methods=("crf",), high=0.7, low=0.25), torch.device("cpu"))
+    p = RefineParams(methods=("crf",), thresholds=ThresholdConfig(high=0.7, low=0.25))
+    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], p, torch.device("cpu"))
     expected = crf_two_thresholds(rgb, full[0].numpy(), [2, 5], CrfConfig())
     assert (mask == expected).mean() > 0.99  # numpy vs torch softmax: equal up to float rounding
 
@@ -150,7 +152,7 @@ def test_resume_and_invalidation(inputs, tmp_path, monkeypatch):
     report_only = refine.run(make_params(eval_splits=("val",), overlays=2), root / "cams", manifest, out,
                              progress=False)
     assert report_only["computed"] == [] and report_only["metrics"]["images"] == 4
-    crf_changed = refine.run(make_params(crf_bilateral_srgb=5.0), root / "cams", manifest, out, progress=False)
+    crf_changed = refine.run(make_params(crf=CrfConfig(bilateral_srgb=5.0)), root / "cams", manifest, out, progress=False)
     assert len(crf_changed["computed"]) == 3
 
 
@@ -180,7 +182,7 @@ def test_box_params_decide_the_boxes_and_the_shard_fingerprint(inputs, tmp_path)
     root, manifest, _ = inputs
     first = refine.run(make_params(methods=()), root / "cams", manifest, tmp_path, progress=False)
     default_boxes = [row["boxes"] for row in rows_of(tmp_path)]
-    changed = refine.run(make_params(methods=(), box_min_pixels=1, box_connectivity=4), root / "cams", manifest,
+    changed = refine.run(make_params(methods=(), boxes=BoxConfig(min_pixels=1, connectivity=4)), root / "cams", manifest,
                          tmp_path, progress=False)
     assert len(first["computed"]) == len(changed["computed"]) == 3  # box params are not report-only
     rows, num_classes = rows_of(tmp_path), len(read_metadata(tmp_path / "val-00000.parquet")["class_names"])

@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("pydensecrf.densecrf")
 
+from config.loader import build  # noqa: E402
+from config.schema import Params  # noqa: E402
 from shards.collections import read_current  # noqa: E402
 from shards.fingerprint import hash_inputs  # noqa: E402
-from config.loader import build  # noqa: E402
 from stages import relabel  # noqa: E402
-from config.schema import Params  # noqa: E402
 from tests.collection_inputs import TINY_RELABEL, make_classifier, make_collection  # noqa: E402
 
 
@@ -64,7 +64,8 @@ def test_rerun_reuses_every_shard_and_new_params_make_a_new_version(relabelled):
                                  refine=dataclasses.replace(params.refine, overlays=1))
     assert relabel.labelling_fingerprint(faster) == relabel.labelling_fingerprint(params)
 
-    changed = dataclasses.replace(params, refine=dataclasses.replace(params.refine, crf_bilateral_srgb=5.0))
+    changed = dataclasses.replace(params, refine=dataclasses.replace(
+        params.refine, crf=dataclasses.replace(params.refine.crf, bilateral_srgb=5.0)))
     other = relabel.run(changed, "holiday", root / "inbox" / "holiday", root / "classifier", out, progress=False)
     assert other["version"] != summary["version"] and other["classifier"] == summary["classifier"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([summary["version"], other["version"]])

@@ -1,5 +1,6 @@
 """The AFA / APC / TRT options through the stages: train_classifier -> dump_cams -> refine (tiny preset)."""
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -7,26 +8,26 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import merge, tiny_params
 
-from conftest import tiny_params
-from models.affinity import propagate
-from shards.cams import decode_affinity, decode_cams, decode_fg
 from config.loader import build
-from labelling import cams as cam_dump
-from stages import dump_cams, prepare, refine, shapes, train_classifier
 from config.schema import Params, PrepareConfig
+from labelling import cams as cam_dump
+from models.affinity import propagate
 from refinement.chain import refine_chunk
+from shards.cams import decode_affinity, decode_cams, decode_fg
+from stages import dump_cams, prepare, refine, shapes, train_classifier
 
-OPTIONS = {"pooling": "akp", "use_pcl": True, "use_afa": True, "afa_layers": 2, "use_trt": True,
-           "iterations": 3, "seg_start_iter": 1, "eval_every": 100}
+OPTIONS = {"model": {"pooling": "akp", "use_afa": True, "afa_layers": 2, "use_trt": True},
+           "loss": {"use_pcl": True, "seg_start_iter": 1}, "optim": {"iterations": 3}, "eval_every": 100}
 
 
 def params_with(overrides: dict | None = None, refine_overrides: dict | None = None) -> Params:
     raw = tiny_params()
-    raw["train_classifier"].update(OPTIONS | (overrides or {}))
+    merge(raw["train_classifier"], merge(copy.deepcopy(OPTIONS), overrides or {}))
     raw["dump_cams"].update({"splits": ["train", "val"], "eval_split": "val", "image_size": 64,
                              "predict_size": 64})
-    raw["refine"].update(refine_overrides or {})
+    merge(raw["refine"], refine_overrides or {})
     raw["runtime"].update({"num_threads": 1, "num_workers": 1})
     return build(Params, raw)
 
@@ -107,7 +108,8 @@ def test_random_walk_first_walks_raw_values_before_the_softmax(trained):
     row = next(r for r in rows(root / "cams") if len(r["classes"]) == 1)
     cams, (affinity, grid) = decode_cams(row), decode_affinity(row)
     h, w = 40, 52
-    p = params_with(refine_overrides={"methods": ["random_walk"], "ignore_band": False, "bkg": 0.5}).refine
+    p = params_with(refine_overrides={"methods": ["random_walk"], "ignore_band": False,
+                                      "thresholds": {"bkg": 0.5}}).refine
     rgb = np.zeros((h, w, 3), np.uint8)
     (mask, _), = refine_chunk([rgb], [cams], [row["classes"]], p, torch.device("cpu"),
                               [{"affinity": (affinity, grid), "fg": None}])

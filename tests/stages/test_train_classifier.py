@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, tiny_params, tool_env
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_params, tool_env
 from config.loader import build
-from shards.sampling import RowIndex
+from config.schema import OptimConfig, Params, PrepareConfig
 from shards.manifest import manifest_files
+from shards.sampling import RowIndex
 from stages import prepare, shapes
-from config.schema import ClassifierParams, Params, PrepareConfig
 from training.loop import batches, lr_factor
 
 
@@ -31,9 +31,8 @@ def manifest(tmp_path_factory):
     return root / "manifest"
 
 
-def write_params(path: Path, **train_overrides) -> Path:
-    params = tiny_params()
-    params["train_classifier"].update(train_overrides)
+def write_params(path: Path, train_overrides: dict) -> Path:
+    params = tiny_params({"train_classifier": train_overrides})
     path.write_text(yaml.safe_dump(params))
     return path
 
@@ -45,7 +44,7 @@ def stage_cmd(params: Path, manifest: Path, out: Path) -> list[str]:
 
 
 def test_warmup_then_poly_schedule():
-    p = ClassifierParams(iterations=100, warmup_iters=10, warmup_ratio=0.1, poly_power=1.0)
+    p = OptimConfig(iterations=100, warmup_iters=10, warmup_ratio=0.1, poly_power=1.0)
     assert lr_factor(0, p) == pytest.approx(0.1)
     assert lr_factor(5, p) == pytest.approx(0.55)
     assert lr_factor(10, p) == pytest.approx(1.0)
@@ -69,7 +68,8 @@ def test_batches_are_deterministic_disjoint_across_ranks_and_resumable(manifest)
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(manifest, tmp_path):
-    params = write_params(tmp_path / "params.yaml", iterations=24, checkpoint_every=4, eval_every=1000)
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 24}, "checkpoint_every": 4,
+                                                      "eval_every": 1000})
     clean = tmp_path / "clean"
     subprocess.run(stage_cmd(params, manifest, clean), cwd=ROOT, env=tool_env(), check=True, capture_output=True)
 
@@ -106,9 +106,10 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(manifest, 
 @pytest.mark.slow
 def test_changed_params_never_resume_stale_state(manifest, tmp_path):
     out = tmp_path / "run"
-    first = write_params(tmp_path / "a.yaml", iterations=4, checkpoint_every=2, eval_every=1000)
+    first = write_params(tmp_path / "a.yaml", {"optim": {"iterations": 4}, "checkpoint_every": 2, "eval_every": 1000})
     subprocess.run(stage_cmd(first, manifest, out), cwd=ROOT, env=tool_env(), check=True, capture_output=True)
-    second = write_params(tmp_path / "b.yaml", iterations=4, checkpoint_every=2, eval_every=1000, lr=1e-3)
+    second = write_params(tmp_path / "b.yaml", {"optim": {"iterations": 4, "lr": 1e-3}, "checkpoint_every": 2,
+                                                "eval_every": 1000})
     proc = subprocess.run(stage_cmd(second, manifest, out), cwd=ROOT, env=tool_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and "resuming from" not in proc.stderr
     assert len(list((out / "ckpt").iterdir())) == 1  # the stale fingerprint's folder is gone
@@ -116,7 +117,8 @@ def test_changed_params_never_resume_stale_state(manifest, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_with_gloo(manifest, tmp_path):
-    params = write_params(tmp_path / "params.yaml", iterations=4, batch_size=2, checkpoint_every=2, eval_every=1000)
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 4, "batch_size": 2}, "checkpoint_every": 2,
+                                                      "eval_every": 1000})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(29500 + os.getpid() % 1000), "-m", *stage_cmd(params, manifest, tmp_path)[2:]]
     proc = subprocess.run(cmd, cwd=ROOT, env={**tool_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -126,15 +128,16 @@ def test_two_process_ddp_with_gloo(manifest, tmp_path):
 
 
 @pytest.mark.parametrize("switches", [
-    {"use_ptc": False, "use_ctc": False, "use_aux": False, "use_seg": False},  # plain ViT-CAM baseline
-    {"use_ctc": False},
-    {"use_ptc": False},
+    {"model": {"use_ctc": False, "use_aux": False, "use_seg_head": False}, "loss": {"use_ptc": False}},  # ViT-CAM
+    {"model": {"use_ctc": False}},
+    {"loss": {"use_ptc": False}},
 ])
 def test_ablation_switches_train(manifest, tmp_path, switches):
-    params = write_params(tmp_path / "params.yaml", iterations=2, eval_every=1000, **switches)
+    params = write_params(tmp_path / "params.yaml", {**switches, "optim": {"iterations": 2}, "eval_every": 1000})
     proc = subprocess.run(stage_cmd(params, manifest, tmp_path), cwd=ROOT, env=tool_env(), capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_file(tmp_path / "model/model.safetensors")
-    assert any(k.startswith("aux_classifier") for k in state) == switches.get("use_aux", True)
-    assert any(k.startswith("proj_head") for k in state) == switches.get("use_ctc", True)
+    model = switches.get("model", {})
+    assert any(k.startswith("aux_classifier") for k in state) == model.get("use_aux", True)
+    assert any(k.startswith("proj_head") for k in state) == model.get("use_ctc", True)

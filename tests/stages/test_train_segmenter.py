@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import ROOT, tiny_params, tool_env
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_params, tool_env
-from training.segmenter_data import PairAugmentConfig, augment_pair
-from training.segmenter_model import load_segmenter
+from config.schema import AugmentConfig
 from stages.train_segmenter import masked_cross_entropy
 from tests.segmenter_inputs import write_manifest, write_pseudo_labels
+from training.segmenter_model import load_segmenter
+from training.transforms import augment_pair
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,8 @@ def inputs(tmp_path_factory):
     return write_pseudo_labels(manifest, root / "pseudo_labels"), manifest
 
 
-def write_params(path: Path, **overrides) -> Path:
-    params = tiny_params()
-    params["train_segmenter"].update(overrides)
+def write_params(path: Path, overrides: dict) -> Path:
+    params = tiny_params({"train_segmenter": overrides})
     path.write_text(yaml.safe_dump(params))
     return path
 
@@ -50,14 +50,14 @@ def test_paired_augmentation_keeps_image_and_mask_aligned(seed):
     mask[25:, :8] = 1
     mask[0] = 255
     rgb = np.repeat((mask * 50)[..., None], 3, axis=2).astype(np.uint8)  # the colour encodes the label
-    cfg = PairAugmentConfig(crop_size=64, base_size=0, scale_range=(1.0, 1.0), jitter=0.0)
+    cfg = AugmentConfig(crop_size=64, base_size=0, scale_range=(1.0, 1.0), jitter=0.0)
     crop, labels = augment_pair(rgb, mask, cfg, rng)
     assert crop.shape == (64, 64, 3) and labels.shape == (64, 64)
     padded = labels == 255
     assert padded.sum() >= 64 * 64 - 40 * 56  # the padding is ignored
     keep = ~padded
     np.testing.assert_array_equal(crop[..., 0][keep], labels[keep] * 50)  # flips and crops move both together
-    scaled, scaled_labels = augment_pair(rgb, mask, PairAugmentConfig(32, 80, (0.5, 2.0), 0.3), rng)
+    scaled, scaled_labels = augment_pair(rgb, mask, AugmentConfig(32, 80, (0.5, 2.0), 0.3), rng)
     assert scaled.shape == (32, 32, 3) and set(np.unique(scaled_labels)) <= {0, 1, 2, 255}  # nearest: no new ids
 
 
@@ -74,8 +74,9 @@ def test_masked_loss_ignores_255_and_survives_an_all_ignored_batch():
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(inputs, tmp_path):
-    params = write_params(tmp_path / "params.yaml", iterations=40, checkpoint_every=4, eval_every=1000,
-                          aux=True, jitter=0.2)
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 40}, "checkpoint_every": 4,
+                                                      "eval_every": 1000, "model": {"aux": True},
+                                                      "augment": {"jitter": 0.2}})
     clean = tmp_path / "clean"
     subprocess.run(stage_cmd(params, inputs, clean), cwd=ROOT, env=tool_env(), check=True, capture_output=True)
 
@@ -113,7 +114,7 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(inputs, tm
     assert (clean / "live/plots/metrics/train/loss.tsv").exists()
 
     # changed params never resume stale state, and the stale fingerprint's folder is pruned
-    other = write_params(tmp_path / "other.yaml", iterations=4, eval_every=1000, lr=0.02)
+    other = write_params(tmp_path / "other.yaml", {"optim": {"iterations": 4, "lr": 0.02}, "eval_every": 1000})
     proc = subprocess.run(stage_cmd(other, inputs, killed), cwd=ROOT, env=tool_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and "resuming from" not in proc.stderr
     assert len(list((killed / "ckpt").iterdir())) == 1
@@ -121,7 +122,8 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(inputs, tm
 
 @pytest.mark.slow
 def test_two_process_ddp_with_gloo_and_val_curve(inputs, tmp_path):
-    params = write_params(tmp_path / "params.yaml", iterations=4, batch_size=2, optimizer="adamw", lr=1e-3)
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 4, "batch_size": 2, "optimizer": "adamw",
+                                                                "lr": 1e-3}})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(29600 + os.getpid() % 1000), "-m", *stage_cmd(params, inputs, tmp_path)[2:]]
     proc = subprocess.run(cmd, cwd=ROOT, env={**tool_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -129,6 +131,6 @@ def test_two_process_ddp_with_gloo_and_val_curve(inputs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "model/model.safetensors").exists()
     config = json.loads((tmp_path / "model/config.json").read_text())
-    assert config["params"]["optimizer"] == "adamw"
+    assert config["params"]["optim"]["optimizer"] == "adamw"
     curve = (tmp_path / "live/plots/metrics/val/miou.tsv").read_text().splitlines()
     assert curve[0].split("\t") == ["step", "miou"] and len(curve) == 3  # eval_every 2 of 4 steps

@@ -11,9 +11,16 @@ from PIL import Image
 
 from config.loader import ParamsError
 from config.schema import ShapesConfig
-from synth.shapes import (CLASS_NAMES, IGNORE_INDEX, _visible_layout, boundary_band,
-                           generate_image, plan_image, write_dataset)
 from stages import shapes as stage
+from synth.shapes import (
+    CLASS_NAMES,
+    IGNORE_INDEX,
+    _visible_layout,
+    boundary_band,
+    generate_image,
+    plan_image,
+    write_dataset,
+)
 
 SMALL = ShapesConfig(num_train=6, num_val=3, min_side=96, max_side=128)
 K = len(CLASS_NAMES)
