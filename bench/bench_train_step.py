@@ -23,9 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.toco import ToCo  # noqa: E402
 from config.loader import build, read_yaml  # noqa: E402
-from training.classifier_model import toco_config  # noqa: E402
+from training.classifier_model import build_classifier, toco_config  # noqa: E402
 from config.schema import ClassifierParams  # noqa: E402
 from training.toco_step import ToCoTrainer  # noqa: E402
 from stages.train_classifier import step_config  # noqa: E402
@@ -44,7 +43,7 @@ def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
 def measure(p: ClassifierParams, batch: int, device: torch.device, bf16: bool, fused: bool, steps: int,
             warmup: int, num_classes: int = 20) -> dict:
     torch.manual_seed(0)
-    model = ToCo(toco_config(p, num_classes)).to(device)
+    model = build_classifier(toco_config(p, num_classes)).to(device)
     set_fused_attention(model, fused)
     trainer = ToCoTrainer(model, step_config(dataclasses.replace(p, seg_start_iter=0)))
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)

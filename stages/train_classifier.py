@@ -32,7 +32,7 @@ from config.loader import to_dict
 from config.schema import ClassifierParams, load_params_or_exit
 from models.par import ParConfig
 from models.pseudo import ThresholdConfig
-from models.toco import ToCo, param_groups
+from models.toco import param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import atomic_write_json
 from shards.manifest import manifest_files, read_classes
@@ -40,7 +40,7 @@ from shards.sampling import RowIndex
 from training import runtime as rt
 from training.cam_eval import evaluate_classifier
 from training.checkpoint import resume, save_checkpoint, save_weights
-from training.classifier_model import config_to_json, toco_config
+from training.classifier_model import build_classifier, config_to_json, toco_config
 from training.data import AugmentConfig, EvalImages, TrainCrops
 from training.loop import batches, lr_factor
 from training.toco_step import StepConfig, ToCoTrainer
@@ -76,7 +76,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     val_files = manifest_files(manifest_dir, "val")
     val_set = EvalImages(RowIndex(val_files), num_classes, p.eval_size) if val_files else None
 
-    model = ToCo(toco_config(p, num_classes)).to(env.device)
+    model = build_classifier(toco_config(p, num_classes)).to(env.device)
     trainer = ToCoTrainer(model, step_config(p))
     backbone, heads = param_groups(model)
     optimizer = torch.optim.AdamW([{"params": backbone, "lr": p.lr}, {"params": heads, "lr": p.lr * p.head_lr_mult}],

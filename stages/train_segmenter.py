@@ -49,7 +49,7 @@ from training.segmenter_data import (
     PseudoLabelCrops,
     rows_with_masks,
 )
-from training.segmenter_model import config_to_json, deeplab_config, predict_probs
+from training.segmenter_model import build_segmenter, config_to_json, deeplab_config, predict_probs
 
 log = logging.getLogger("train_segmenter")
 
@@ -105,7 +105,7 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
                              params.runtime.seed)
     evals = val_images(manifest_dir, p.eval_images) if env.is_main and p.eval_every > 0 else None
 
-    model = DeepLab(deeplab_config(p, len(class_names))).to(env.device)
+    model = build_segmenter(deeplab_config(p, len(class_names))).to(env.device)
     optimizer = make_optimizer(model, p)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p))
     key = fingerprint(to_dict(p), code=code_version("stages.train_segmenter"), inputs=[pseudo_dir],

@@ -1,4 +1,5 @@
-"""Build the DeepLab segmenter from params, load the trained one, and predict class probabilities of an image.
+"""Build the DeepLab segmenter from params (pretrained backbone read by training/weights.py), load the trained one,
+and predict class probabilities of an image.
 
 ``predict_probs`` is the inference of METHODS.md §4 used by ``train_segmenter`` (single scale, periodic val mIoU)
 and ``evaluate`` (multi-scale + flip): the image (long side resized to ``size``) is rescaled by each factor, the
@@ -17,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from config.schema import SegmenterParams
-from models.deeplab import DeepLab, DeepLabConfig
+from models.deeplab import DeepLab, DeepLabConfig, create_features, features_kwargs
 from shards.images import resize_long
 from training.checkpoint import load_weights
-from training.classifier_model import resolve_weights
 from training.data import to_tensor
+from training.weights import NO_WEIGHTS, hub_model, load_state_dict, resolve_weights
 
 
 def deeplab_config(p: SegmenterParams, num_classes: int) -> DeepLabConfig:
@@ -32,6 +33,21 @@ def deeplab_config(p: SegmenterParams, num_classes: int) -> DeepLabConfig:
         output_stride=p.output_stride, aspp_dilations=tuple(p.aspp_dilations), aspp_channels=p.aspp_channels,
         decoder_channels=p.decoder_channels, low_level_channels=p.low_level_channels, aspp_dropout=p.aspp_dropout,
         aux=p.aux, freeze_bn=p.freeze_bn)
+
+
+def pretrained_features(name: str, output_stride: int, pretrained: str = "none") -> torch.nn.Module:
+    """``models.deeplab.create_features`` with the backbone weights ``pretrained`` names (training/weights.py)."""
+    if pretrained == "hub":
+        return hub_model(name, **features_kwargs(output_stride))
+    if pretrained in NO_WEIGHTS:
+        return create_features(name, output_stride)
+    return create_features(name, output_stride, state=load_state_dict(pretrained), source=pretrained)
+
+
+def build_segmenter(cfg: DeepLabConfig) -> DeepLab:
+    """A fresh DeepLab with the pretrained backbone weights ``cfg.pretrained`` names loaded."""
+    cfg.validate()
+    return DeepLab(cfg, pretrained_features(cfg.backbone, cfg.output_stride, cfg.pretrained))
 
 
 def config_to_json(cfg: DeepLabConfig, class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> dict[str, Any]:
