@@ -15,12 +15,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from shards.records import IGNORE_INDEX
+
 CONNECTIVITIES = (4, 8)
 BOX_KEYS = ("label", "x0", "y0", "x1", "y1", "pixels")
 
 
 def mask_boxes(mask: np.ndarray, num_classes: int, *, min_pixels: int = 1, connectivity: int = 8,
-               ignore_index: int = 255) -> list[dict[str, int]]:
+               ignore_index: int = IGNORE_INDEX) -> list[dict[str, int]]:
     """One box per connected component of each class 1..num_classes-1 in a (H, W) uint8 mask.
 
     Returns dicts ``{"label", "x0", "y0", "x1", "y1", "pixels"}`` (``x1``/``y1`` exclusive; ``pixels`` the

@@ -38,17 +38,12 @@ from shards.fingerprint import code_version, fingerprint
 from shards.io import read_metadata
 from shards.manifest import manifest_files
 from shards.metrics import ConfusionMatrix
+from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex
 from training import runtime as rt
 from training.checkpoint import resume, save_checkpoint, save_weights
 from training.loop import batches, lr_factor
-from training.segmenter_data import (
-    IGNORE_INDEX,
-    GroundTruthImages,
-    PairAugmentConfig,
-    PseudoLabelCrops,
-    rows_with_masks,
-)
+from training.segmenter_data import GroundTruthImages, PairAugmentConfig, PseudoLabelCrops, rows_with_masks
 from training.segmenter_model import build_segmenter, config_to_json, deeplab_config, predict_probs
 
 log = logging.getLogger("train_segmenter")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from config.loader import to_dict
 from config.schema import RuntimeConfig, ShapesConfig
 from parallel.shard_map import map_tasks
-from shards.records import voc_palette
+from shards.records import IGNORE_INDEX, voc_palette
 
 CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring", "cross", "boat", "plane")
 # Class -> fill texture; the texture is attached to the object (it rotates with it).
@@ -47,7 +47,6 @@ CLASS_TEXTURES: dict[str, str] = {
 CONTEXT_BACKGROUNDS: dict[str, str] = {"boat": "water", "plane": "sky"}
 GENERIC_BACKGROUNDS: tuple[str, ...] = ("noise", "gradient", "clutter", "lines")
 SPLITS: tuple[str, ...] = ("train", "val")
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)

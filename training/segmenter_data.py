@@ -19,10 +19,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from shards.images import decode_mask_png, decode_rgb
+from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex, RowReader
 from training.data import to_tensor
-
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)

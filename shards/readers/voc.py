@@ -30,11 +30,18 @@ import numpy as np
 
 from shards.classes import VOC_CLASSES, names_to_ids, read_class_list, read_tags_csv
 from shards.images import decode_mask
-from shards.records import DataError, Reject, RejectError, SourceRecord, check_image_id, voc_palette
+from shards.records import (
+    IGNORE_INDEX,
+    DataError,
+    Reject,
+    RejectError,
+    SourceRecord,
+    check_image_id,
+    voc_palette,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")  # order = preference
 TAG_SOURCES = ("auto", "xml", "file", "mask", "none")
-IGNORE_INDEX = 255
 
 
 def voc_class_names(root: str | os.PathLike, classes_file: str | os.PathLike | None = None) -> tuple[str, ...]:
