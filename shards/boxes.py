@@ -7,7 +7,7 @@ and ignore (255) are never boxed; ``min_pixels`` drops the specks that threshold
 
 Boxes are 0-based pixel coordinates with exclusive ends (``x0 <= x < x1``, ``y0 <= y < y1``), so
 ``mask[y0:y1, x0:x1]`` is the box and ``x1 - x0`` its width; a VOC ``bndbox`` (1-based, inclusive) is
-``(x0 + 1, y0 + 1, x1, y1)``. Pure numpy + OpenCV (``cv2.connectedComponentsWithStats``), no torch.
+``(x0 + 1, y0 + 1, x1, y1)`` (shards/voc_xml.py writes and reads them). Pure numpy + OpenCV (``cv2.connectedComponentsWithStats``), no torch.
 """
 
 from __future__ import annotations
