@@ -34,16 +34,15 @@ SHIPPED = load_params(ROOT / "params.yaml")  # the CPU preset: the architecture 
 def build(root: Path, images: int) -> tuple[Path, Path]:
     import torch
 
-    from models.toco import ToCo
     from training.checkpoint import save_weights
-    from training.classifier_model import config_to_json, toco_config
+    from training.classifier_model import build_classifier, config_to_json, toco_config
 
     shapes.run(ShapesConfig(num_train=images, num_val=1), root / "shapes", progress=False)
     prepare.run(PrepareConfig(root=str(root / "shapes"), rows_per_shard=16), root / "manifest", progress=False)
     names = read_classes(root / "manifest")["class_names"]
     cfg = toco_config(SHIPPED.train_classifier, len(names) - 1)
     torch.manual_seed(0)
-    save_weights(ToCo(cfg), root / "classifier", config_to_json(cfg, names))
+    save_weights(build_classifier(cfg), root / "classifier", config_to_json(cfg, names))
     return root / "manifest", root / "classifier"
 
 

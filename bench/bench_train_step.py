@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config.schema import PRESETS_DIR, ClassifierParams, load_params  # noqa: E402
-from models.toco import ToCo  # noqa: E402
-from training.classifier_model import toco_config  # noqa: E402
+from training.classifier_model import build_classifier, toco_config  # noqa: E402
 from training.toco_step import ToCoTrainer  # noqa: E402
 
 PRESETS = {"cpu": ROOT / "params.yaml", "paper": PRESETS_DIR / "voc-vitb16.yaml"}
@@ -41,7 +40,7 @@ def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
 def measure(p: ClassifierParams, batch: int, device: torch.device, bf16: bool, fused: bool, steps: int,
             warmup: int, num_classes: int = 20) -> dict:
     torch.manual_seed(0)
-    model = ToCo(toco_config(p, num_classes)).to(device)
+    model = build_classifier(toco_config(p, num_classes)).to(device)
     set_fused_attention(model, fused)
     trainer = ToCoTrainer(model, dataclasses.replace(p.loss, seg_start_iter=0))
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)

@@ -36,6 +36,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# annotation -> (accepts the YAML value, what was expected, canonical form); YAML's true/false is no number here
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "true/false", bool),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", int),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number", float),
+    str: (lambda v: isinstance(v, str), "a string", str),
+}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; returns the value in its canonical form."""
     origin = typing.get_origin(tp)
@@ -77,22 +86,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-        return value
+    scalar = _SCALARS.get(tp)
+    if scalar is not None:
+        accepts, what, convert = scalar
+        if not accepts(value):
+            raise ParamsError(f"{where}: expected {what}, got {type(value).__name__} {value!r}")
+        return convert(value)
     raise ParamsError(f"{where}: unsupported annotation {_type_name(tp)}")
 
 

@@ -22,7 +22,7 @@ from shards.images import decode_image, decode_mask, encode_mask
 from shards.io import ShardSet, atomic_write_json, write_table_atomic
 from shards.manifest import manifest_schema, rejects_schema
 from shards.readers import open_source
-from shards.records import DataError, Reject, RejectError, SourceRecord, check_image_id, voc_palette
+from shards.records import IGNORE_INDEX, DataError, Reject, RejectError, SourceRecord, check_image_id, voc_palette
 
 log = logging.getLogger("prepare")
 
@@ -141,7 +141,7 @@ def build_manifest(cfg: PrepareConfig, out_dir: Path, *, progress: bool = True) 
     atomic_write_json(out_dir / "classes.json", {
         "class_names": ["background", *class_names],
         "palette": [list(c) for c in palette],
-        "ignore_index": 255,
+        "ignore_index": IGNORE_INDEX,
         "source": cfg.source,
     })
     elapsed = time.perf_counter() - started

@@ -42,7 +42,7 @@ def radius_mask(height: int, width: int, radius: int, device: torch.device | str
     return near_rows & near_cols
 
 
-def affinity_targets(token_labels: torch.Tensor, radius: int, ignore_index: int = 255) -> torch.Tensor:
+def affinity_targets(token_labels: torch.Tensor, radius: int, *, ignore_index: int) -> torch.Tensor:
     """(B, N, N) float: 1 same label, 0 different, -1 no term (an ignored token or beyond ``radius``).
 
     token_labels: (B, h, w) long pseudo labels at the token grid.

@@ -78,8 +78,8 @@ class EmaTeacher(nn.Module):
             return self.module(x.detach())
 
 
-def region_from_labels(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """An "ignore middle" label map (0 bg, class ids, 255 uncertain) as region values 0/1/2."""
+def region_from_labels(labels: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
+    """An "ignore middle" label map (0 bg, class ids, ``ignore_index`` uncertain) as region values 0/1/2."""
     region = torch.full_like(labels, FOREGROUND, dtype=torch.uint8)
     region[labels == 0] = BACKGROUND
     region[labels == ignore_index] = UNCERTAIN

@@ -13,19 +13,23 @@ An optional auxiliary FCN head on the second-to-last feature gives ``aux`` logit
 Outputs are ``{"out": (B, K+1, H, W), "aux": (B, K+1, H, W)}`` logits at the input size.
 
 Inputs arrive normalised with ImageNet mean/std (the pipeline's convention); ``Renormalise`` (models/stem.py) maps
-them to the backbone's own normalisation (mean = std = 0.5 for the TF EfficientNets). Backbone weights: ``"none"``,
-``"hub"`` (timm download) or a local file, matched by name or, for another implementation's export, by order
-(models/stem.py: ``match_state_dict``); never unpickled code (models/backbone.py: ``read_state_dict``).
+them to the backbone's own normalisation (mean = std = 0.5 for the TF EfficientNets). ``DeepLab(cfg)`` builds the
+architecture with a random backbone; the weights ``cfg.pretrained`` names (``"none"``, ``"hub"``, a file) are read
+by ``training/segmenter_model.py: build_segmenter`` through training/weights.py (no file or network I/O here), which
+passes the loaded backbone as ``DeepLab(cfg, features)``. A file's weights are matched by name or, for another
+implementation's export, by order (``load_features_weights``, models/stem.py: ``match_state_dict``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import _is_network_error, _offline_unless_reachable, read_state_dict
 from models.configs import DeepLabConfig
 from models.stem import IMAGENET_MEAN, IMAGENET_STD, Renormalise, match_state_dict
 
@@ -95,27 +99,22 @@ class FCNHead(nn.Module):
         return self.block(x)
 
 
-def create_features(name: str, output_stride: int, pretrained: str = "none") -> nn.Module:
-    """timm ``name`` in features_only mode at ``output_stride``, with weights from nowhere, the hub or a file."""
-    kwargs = dict(features_only=True, output_stride=output_stride)
-    if pretrained == "hub":
-        try:
-            with _offline_unless_reachable():
-                return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - classified below, re-raised untouched if not a network error
-            if not _is_network_error(exc):
-                raise
-            raise RuntimeError(
-                f"could not download pretrained weights for {name!r}: the model hub is unreachable "
-                f"({type(exc).__name__}: {exc}). Download them elsewhere and pass the local file instead "
-                "(pretrained: path/to/weights.safetensors or .pth).") from exc
-    features = timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained not in ("none", "", None):
-        load_features_weights(features, name, read_state_dict(pretrained), pretrained)
+def features_kwargs(output_stride: int) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments of a backbone in features_only mode at ``output_stride``."""
+    return dict(features_only=True, output_stride=output_stride)
+
+
+def create_features(name: str, output_stride: int, state: Mapping[str, torch.Tensor] | None = None,
+                    source: str = "") -> nn.Module:
+    """timm ``name`` in features_only mode at ``output_stride``: random, or with the weights ``state`` (see
+    ``load_features_weights``; ``source`` names them in errors)."""
+    features = timm.create_model(name, pretrained=False, **features_kwargs(output_stride))
+    if state is not None:
+        load_features_weights(features, name, state, source or name)
     return features
 
 
-def load_features_weights(features: nn.Module, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+def load_features_weights(features: nn.Module, name: str, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Weights of the backbone (its own keys) or of the whole classification network (by name or by order)."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = features.state_dict()
@@ -136,11 +135,17 @@ def load_features_weights(features: nn.Module, name: str, state: dict[str, torch
 class DeepLab(nn.Module):
     """Backbone features -> DeepLabV2 or V3+ head -> logits upsampled to the input size."""
 
-    def __init__(self, cfg: DeepLabConfig):
+    def __init__(self, cfg: DeepLabConfig, features: nn.Module | None = None):
+        """``features``: the backbone (``training/segmenter_model.py: pretrained_features``); None builds a random
+        one, which ``cfg.pretrained`` must then not ask to replace (weights are loaded outside models/)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        features = create_features(cfg.backbone, cfg.output_stride, cfg.pretrained)
+        if features is None:
+            if cfg.pretrained not in ("none", "", None):
+                raise ValueError(f"DeepLab(cfg) builds a random backbone; cfg.pretrained={cfg.pretrained!r} is loaded "
+                                 "by training.segmenter_model.build_segmenter")
+            features = create_features(cfg.backbone, cfg.output_stride)
         pcfg = getattr(features, "pretrained_cfg", None) or {}
         self.backbone = Renormalise(features, pcfg.get("mean", IMAGENET_MEAN), pcfg.get("std", IMAGENET_STD))
         channels = features.feature_info.channels()

@@ -58,7 +58,7 @@ def _token_pairs(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index:
     return sim, (pair_valid & same).float(), (pair_valid & ~same).float()
 
 
-def ptc_loss(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def ptc_loss(tokens: torch.Tensor, token_labels: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
     """Patch token contrast (ToCo `get_masked_ptc_loss`).
 
     tokens: (B, C, h, w) final patch tokens; token_labels: (B, h, w) long, ignore_index ignored.
@@ -75,7 +75,7 @@ def ptc_loss(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int
         return 0.5 * pos_term + 0.5 * neg_term
 
 
-def pcl_loss(tokens: torch.Tensor, token_labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def pcl_loss(tokens: torch.Tensor, token_labels: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
     """APC's patch contrastive learning (METHODS.md §3): same-class patch embeddings together, others apart.
 
     Same pairs as :func:`ptc_loss`, but with the *signed* cosine S: loss = 0.5 mean(1 - S) over positives +
@@ -129,10 +129,11 @@ def ctc_loss(teacher_globals: torch.Tensor, student_globals: torch.Tensor, stude
         return per_image.mean()
 
 
-def balanced_seg_loss(seg_logits: torch.Tensor, pseudo: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def balanced_seg_loss(seg_logits: torch.Tensor, pseudo: torch.Tensor, *, ignore_index: int) -> torch.Tensor:
     """0.5 CE over background pixels + 0.5 CE over foreground pixels (ToCo `get_seg_loss`).
 
-    seg_logits: (B, K+1, h, w), upsampled bilinearly to the label size if smaller; pseudo: (B, H, W) long.
+    seg_logits: (B, K+1, h, w), upsampled bilinearly to the label size if smaller; pseudo: (B, H, W) long,
+    ``ignore_index`` ignored.
     Each side's CE is a mean over its pixels in the whole batch; a side with no pixel contributes 0 (the
     reference gives NaN), and the other side keeps its 0.5 weight. All ignored -> exactly 0.
     """

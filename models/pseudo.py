@@ -1,8 +1,8 @@
 """CAM -> pseudo-label rules (METHODS.md §1 "Thresholds" and "Online pseudo labels").
 
 All functions take normalised CAMs (B, K, H, W) in [0, 1] over the K foreground classes and multi-hot image
-tags (B, K); labels are 0 = background, 1..K = class id + 1, `ignore_index` (255) = ignore. Only classes in an
-image's tags can win a pixel.
+tags (B, K); labels are 0 = background, 1..K = class id + 1, `ignore_index` = ignore (the caller passes the
+pipeline's one value, shards/records.py: ``IGNORE_INDEX``). Only classes in an image's tags can win a pixel.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def label_plain(cams: torch.Tensor, labels: torch.Tensor, bkg: float = Threshold
 
 
 def label_ignore_middle(cams: torch.Tensor, labels: torch.Tensor, high: float = ThresholdConfig.high,
-                        low: float = ThresholdConfig.low, ignore_index: int = 255) -> torch.Tensor:
+                        low: float = ThresholdConfig.low, *, ignore_index: int) -> torch.Tensor:
     """(B, H, W) long: class if v > high, ignore_index if low < v <= high, 0 if v <= low."""
     value, label = _max_present(cams, labels)
     uncertain = torch.full_like(label, ignore_index)
@@ -83,7 +83,7 @@ def present_class_slots(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 @torch.no_grad()
 def online_pseudo_labels(cams: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
                          cfg: ThresholdConfig = ThresholdConfig(), par_cfg: ParConfig = ParConfig(),
-                         valid: torch.Tensor | None = None, ignore_index: int = 255) -> torch.Tensor:
+                         valid: torch.Tensor | None = None, *, ignore_index: int) -> torch.Tensor:
     """Pseudo labels for ToCo's segmentation head: two PAR runs combined (ToCo `refine_cams_with_bkg_v2`).
 
     cams: (B, K, H, W) normalised final CAMs; labels: (B, K) multi-hot; images: (B, 3, H, W) in [0, 1];

@@ -8,6 +8,8 @@ token for CTC. No head uses the class token for classification.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,13 @@ from models.pooling import adaptive_k_pool
 from models.trt import ReAttention, foreground_map, preliminary_attention, select_tokens
 
 HEADS = ("final", "aux", "fg")  # "fg": TRT's class-agnostic foreground map (use_trt)
+
+
+def backbone_arguments(cfg: ToCoConfig) -> dict[str, Any]:
+    """The architecture of ``cfg``'s ViT as ``models.backbone.create_vit`` arguments (its weights aside)."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size or None, drop_path_rate=cfg.drop_path_rate,
+                freeze_pos_embed=cfg.freeze_pos_embed, stem=cfg.stem, stem_output_stride=cfg.stem_output_stride,
+                freeze_stem=cfg.freeze_stem, **cfg.backbone_kwargs())
 
 
 class LargeFOV(nn.Module):
@@ -43,14 +52,19 @@ class LargeFOV(nn.Module):
 
 class ToCo(nn.Module):
     def __init__(self, cfg: ToCoConfig = ToCoConfig(), backbone: nn.Module | None = None):
+        """``backbone``: the ViT (``training/classifier_model.py: build_classifier`` loads its weights); None
+        builds a random one, which ``cfg.pretrained`` and ``cfg.stem_weights`` must then not ask to replace (weights
+        are loaded outside models/)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.backbone = backbone if backbone is not None else create_vit(
-            cfg.backbone, img_size=cfg.img_size, pretrained=cfg.pretrained, patch_size=cfg.patch_size or None,
-            drop_path_rate=cfg.drop_path_rate, freeze_pos_embed=cfg.freeze_pos_embed, stem=cfg.stem,
-            stem_weights=cfg.stem_weights, stem_output_stride=cfg.stem_output_stride, freeze_stem=cfg.freeze_stem,
-            **cfg.backbone_kwargs())
+        if backbone is None:
+            if cfg.pretrained not in ("none", "", None) or (cfg.stem and cfg.stem_weights):
+                raise ValueError(f"ToCo(cfg) builds a random backbone; cfg.pretrained={cfg.pretrained!r} and "
+                                 f"cfg.stem_weights={cfg.stem_weights!r} are loaded by "
+                                 "training.classifier_model.build_classifier")
+            backbone = create_vit(cfg.backbone, **backbone_arguments(cfg))
+        self.backbone = backbone
         depth = len(self.backbone.blocks)
         if not -depth <= cfg.aux_layer < depth:
             raise ValueError(f"aux_layer {cfg.aux_layer} is outside the backbone's {depth} blocks")

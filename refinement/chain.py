@@ -37,9 +37,7 @@ from models.affinity import propagate
 from models.par import refine_with_par, working_size
 from models.pseudo import background_logits, cams_with_background, present_softmax
 from models.trt import fg_prior
-
-IGNORE = 255
-
+from shards.records import IGNORE_INDEX
 
 COLUMN_OF = {"random_walk": ("affinity", "use_afa"), "fg_prior": ("fg", "use_trt")}
 
@@ -152,11 +150,11 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
               for r in runs.unbind(1)]  # (B, H, W) per run
     out = labels[0]
     if p.ignore_band:
-        out = torch.where(labels[0] == 0, torch.where(labels[1] == 0, 0, IGNORE), labels[0])
+        out = torch.where(labels[0] == 0, torch.where(labels[1] == 0, 0, IGNORE_INDEX), labels[0])
     top = runs[:, 0].amax(dim=1)  # (B, H, W): max probability of the deciding stack
     results = []
     for b, (h, w) in enumerate(sizes):
         mask = out[b, :h, :w].numpy().astype(np.uint8)
-        kept = top[b, :h, :w].numpy()[mask != IGNORE]
+        kept = top[b, :h, :w].numpy()[mask != IGNORE_INDEX]
         results.append((mask, float(kept.mean()) if kept.size else 0.0))
     return results

@@ -16,6 +16,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 
 from config.schema import CrfConfig
+from shards.records import IGNORE_INDEX
 
 PROB_FLOOR = 1e-8  # -log(0) is inf; probabilities are clipped here before the log
 
@@ -96,7 +97,7 @@ def _softmax_with_background(cams: np.ndarray, bkg_value: float) -> np.ndarray:
 
 def crf_two_thresholds(image: np.ndarray, cams: np.ndarray, class_ids: Sequence[int] | np.ndarray,
                        cfg: CrfConfig = CrfConfig(), high: float = 0.7, low: float = 0.25,
-                       ignore_index: int = 255) -> np.ndarray:
+                       ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Pseudo labels (H, W) uint8 from the CAMs of the present classes, by two CRF runs (METHODS.md §2).
 
     image: (H, W, 3) uint8; cams: (P, H, W) normalised CAMs in [0, 1] of the P present classes, at image size;

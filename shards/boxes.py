@@ -7,7 +7,7 @@ and ignore (255) are never boxed; ``min_pixels`` drops the specks that threshold
 
 Boxes are 0-based pixel coordinates with exclusive ends (``x0 <= x < x1``, ``y0 <= y < y1``), so
 ``mask[y0:y1, x0:x1]`` is the box and ``x1 - x0`` its width; a VOC ``bndbox`` (1-based, inclusive) is
-``(x0 + 1, y0 + 1, x1, y1)``. Pure numpy + OpenCV (``cv2.connectedComponentsWithStats``), no torch.
+``(x0 + 1, y0 + 1, x1, y1)`` (shards/voc_xml.py writes and reads them). Pure numpy + OpenCV (``cv2.connectedComponentsWithStats``), no torch.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from shards.records import IGNORE_INDEX
+
 CONNECTIVITIES = (4, 8)
 BOX_KEYS = ("label", "x0", "y0", "x1", "y1", "pixels")
 
 
 def mask_boxes(mask: np.ndarray, num_classes: int, *, min_pixels: int = 1, connectivity: int = 8,
-               ignore_index: int = 255) -> list[dict[str, int]]:
+               ignore_index: int = IGNORE_INDEX) -> list[dict[str, int]]:
     """One box per connected component of each class 1..num_classes-1 in a (H, W) uint8 mask.
 
     Returns dicts ``{"label", "x0", "y0", "x1", "y1", "pixels"}`` (``x1``/``y1`` exclusive; ``pixels`` the

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from shards.io import dataset_metadata, with_metadata
 from shards.metrics import ConfusionMatrix
+from shards.records import IGNORE_INDEX
 
 CAM_DTYPE = np.dtype("<f2")
 
@@ -51,7 +52,7 @@ AFFINITY_DTYPE = np.dtype("u1")
 
 
 def cam_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: Mapping[str, Any],
-               *, scales: Sequence[float], ignore_index: int = 255) -> pa.Schema:
+               *, scales: Sequence[float], ignore_index: int = IGNORE_INDEX) -> pa.Schema:
     """CAM_SCHEMA with our metadata; ``class_names`` includes background (index 0)."""
     meta = dataset_metadata("cams", class_names, palette, producer, ignore_index, cam_dtype="float16-le",
                             scales=list(scales))
@@ -117,7 +118,7 @@ class ThresholdSweep:
     by a cumulative sum, instead of one labelling and one bincount per threshold.
     """
 
-    def __init__(self, num_classes: int, thresholds: Sequence[float], ignore_index: int = 255):
+    def __init__(self, num_classes: int, thresholds: Sequence[float], ignore_index: int = IGNORE_INDEX):
         self.num_classes = num_classes  # background included
         self.thresholds = np.asarray(sorted(thresholds), dtype=np.float64)
         self.ignore_index = ignore_index

@@ -38,9 +38,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from shards.records import RejectError
+from shards.records import IGNORE_INDEX, RejectError
 
-IGNORE_INDEX = 255
 _EXIF_ORIENTATION = 0x0112
 _GREY_MODES = ("L", "1")
 _ALPHA_MODES = ("RGBA", "LA", "RGBa", "La", "PA")

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards.records import IGNORE_INDEX
+
 SCHEMA_VERSION = 1
 META_KEY = b"wsss"  # our schema-metadata key: JSON with schema_version, class_names, palette, producer...
 INDEX_NAME = "index.json"
@@ -83,7 +85,7 @@ def with_metadata(schema: pa.Schema, meta: Mapping[str, Any], extra: Mapping[byt
 
 
 def dataset_metadata(kind: str, class_names: Iterable[str], palette: Iterable[Iterable[int]],
-                     producer: Mapping[str, Any], ignore_index: int = 255, **extra: Any) -> dict[str, Any]:
+                     producer: Mapping[str, Any], ignore_index: int = IGNORE_INDEX, **extra: Any) -> dict[str, Any]:
     """The metadata every class-carrying shard shares (DESIGN.md §4); ``class_names`` starts with background."""
     return {"kind": kind, "class_names": list(class_names), "palette": [list(c) for c in palette],
             "ignore_index": ignore_index, **extra, "producer": dict(producer)}

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from shards.io import dataset_metadata, read_metadata, with_metadata
+from shards.records import IGNORE_INDEX
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -47,7 +48,7 @@ def huggingface_features(columns: dict[str, Any]) -> dict[bytes, bytes]:
 
 
 def manifest_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: dict[str, Any],
-                    ignore_index: int = 255) -> pa.Schema:
+                    ignore_index: int = IGNORE_INDEX) -> pa.Schema:
     meta = dataset_metadata("manifest", ["background", *class_names], palette, producer, ignore_index)
     hf = huggingface_features({
         "image_id": {"dtype": "string", "_type": "Value"},

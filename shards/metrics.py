@@ -13,11 +13,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from shards.records import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Accumulates ``matrix[gt, pred]`` over images; pred 255 goes into an extra "ignored" column."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes = num_classes  # background included: classes 0..num_classes-1
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes + 1), dtype=np.int64)

@@ -9,7 +9,8 @@ Layout (``PACKAGE_VERSION`` 1)::
         data/<split>-00000-of-00002.parquet     pseudo-label rows (schema: shards/pseudo_labels.py)
         voc/JPEGImages/<id>.jpg|.png            optional VOC-style copy: images as stored,
         voc/SegmentationClass/<id>.png          the pseudo masks (palette PNG, 255 = ignore),
-        voc/Annotations/<id>.xml                their instance boxes (``boxes``) in VOC detection format,
+        voc/Annotations/<id>.xml                their instance boxes (``boxes``) in VOC detection format
+                                                (shards/voc_xml.py: 1-based, inclusive ``bndbox``),
         voc/ImageSets/Segmentation/<split>.txt  the ids of each split,
         voc/classes.txt                         class names, background first
 
@@ -29,7 +30,6 @@ import contextlib
 import json
 import math
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shards.io import atomic_path, atomic_write_bytes, atomic_write_json, iter_batches, read_metadata, sha256_file
+from shards.voc_xml import annotation_xml
 
 PACKAGE_VERSION = 1
 INFO_NAME = "package.json"
@@ -99,35 +100,6 @@ def image_extension(data: bytes) -> str:
     raise ValueError(f"image bytes start with {data[:8]!r}: neither JPEG nor PNG")
 
 
-def voc_annotation_xml(image_file: str, height: int, width: int, boxes: Sequence[Mapping[str, int]],
-                       class_names: Sequence[str]) -> bytes:
-    """A VOC detection annotation of one image: an ``object`` per box of the ``boxes`` column.
-
-    VOC's ``bndbox`` is 1-based and inclusive, ours 0-based with exclusive ends: ``xmin = x0 + 1``, ``xmax = x1``.
-    ``truncated`` marks boxes that touch the image border, as VOC does for objects cut by the frame.
-    """
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "JPEGImages"
-    ET.SubElement(root, "filename").text = image_file
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, key).text = str(value)
-    ET.SubElement(root, "segmented").text = "1"  # SegmentationClass/ holds the mask
-    for box in boxes:
-        node = ET.SubElement(root, "object")
-        ET.SubElement(node, "name").text = class_names[box["label"]]
-        ET.SubElement(node, "pose").text = "Unspecified"
-        truncated = box["x0"] == 0 or box["y0"] == 0 or box["x1"] == width or box["y1"] == height
-        ET.SubElement(node, "truncated").text = str(int(truncated))
-        ET.SubElement(node, "difficult").text = "0"
-        bndbox = ET.SubElement(node, "bndbox")
-        for key, value in (("xmin", box["x0"] + 1), ("ymin", box["y0"] + 1), ("xmax", box["x1"]),
-                           ("ymax", box["y1"])):
-            ET.SubElement(bndbox, key).text = str(value)
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8")
-
-
 def write_voc_rows(table: pa.Table, voc_root: Path, class_names: Sequence[str]) -> list[str]:
     """Images, palette masks and box annotations of ``table`` as loose VOC files; returns their paths relative to
     ``voc_root``."""
@@ -140,7 +112,8 @@ def write_voc_rows(table: pa.Table, voc_root: Path, class_names: Sequence[str]) 
             raise ValueError(f"image {row['image_id']!r}: no boxes in its pseudo-label row; run refine again")
         image = row["image"]["bytes"]
         image_file = f"{row['image_id']}.{image_extension(image)}"
-        annotation = voc_annotation_xml(image_file, row["height"], row["width"], row["boxes"], class_names)
+        boxes = [(class_names[b["label"]], (b["x0"], b["y0"], b["x1"], b["y1"])) for b in row["boxes"]]
+        annotation = annotation_xml(image_file, row["height"], row["width"], boxes)
         for rel, data in ((f"JPEGImages/{image_file}", image),
                           (f"SegmentationClass/{row['image_id']}.png", row["mask"]["bytes"]),
                           (f"Annotations/{row['image_id']}.xml", annotation)):

@@ -26,6 +26,7 @@ from shards.images import decode_mask_png
 from shards.io import ShardSet, dataset_metadata, with_metadata
 from shards.manifest import IMAGE_TYPE, huggingface_features
 from shards.metrics import ConfusionMatrix
+from shards.records import IGNORE_INDEX
 
 PSEUDO_LABEL_SCHEMA = pa.schema([
     ("image_id", pa.string()),
@@ -46,7 +47,7 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
 
 
 def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: Mapping[str, Any],
-                        *, methods: Sequence[str], ignore_index: int = 255) -> pa.Schema:
+                        *, methods: Sequence[str], ignore_index: int = IGNORE_INDEX) -> pa.Schema:
     """PSEUDO_LABEL_SCHEMA with our metadata; ``class_names`` includes background (index 0)."""
     meta = dataset_metadata("pseudo_labels", class_names, palette, producer, ignore_index, methods=list(methods))
     value = {"dtype": "string", "_type": "Value"}
@@ -73,7 +74,7 @@ def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[i
     return with_metadata(PSEUDO_LABEL_SCHEMA, meta, hf)
 
 
-def mask_stats(mask: np.ndarray, num_classes: int, ignore_index: int = 255) -> tuple[float, list[int]]:
+def mask_stats(mask: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> tuple[float, list[int]]:
     """(ignore_fraction, per-class pixel counts of classes 0..num_classes-1) of a (H, W) uint8 mask."""
     counts = np.bincount(mask.ravel(), minlength=256)
     return float(counts[ignore_index] / max(mask.size, 1)), [int(v) for v in counts[:num_classes]]

@@ -16,6 +16,10 @@ from typing import Callable
 
 import numpy as np
 
+# The label of pixels no class is claimed for (VOC's convention): ground-truth outlines, the pseudo labels' uncertain
+# band, crop padding. The one definition: everything else imports it (models/ takes it as an argument).
+IGNORE_INDEX = 255
+
 # An id becomes part of file names downstream: no separators, no "..", no control characters.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 

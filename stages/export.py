@@ -110,13 +110,14 @@ def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, met
     written = [rel for s in summaries.values() for rel in s["files"]]
     if cfg.voc:
         written += write_voc_lists(out_dir, names, {split: s["ids"] for split, s in summaries.items()})
+    ignore = meta["ignore_index"]
     info = {
         "name": cfg.name or f"{params.prepare.source} pseudo labels",
         "license": cfg.license,
         "class_names": names,
         "palette": [list(c) for c in meta["palette"][:len(names)]],
-        "ignore_index": meta["ignore_index"],
-        "ignore_colour": list(meta["palette"][meta["ignore_index"]]) if len(meta["palette"]) > 255 else [255] * 3,
+        "ignore_index": ignore,
+        "ignore_colour": list(meta["palette"][ignore]) if len(meta["palette"]) > ignore else [255] * 3,
         "methods": list(meta.get("methods", [])),
         "row_group_size": cfg.row_group_size,
         "splits": {split: split_info(s, names) for split, s in summaries.items()},

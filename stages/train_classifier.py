@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from config.loader import to_dict
 from config.schema import ClassifierParams, load_params_or_exit
-from models.toco import ToCo, param_groups
+from models.toco import param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import atomic_write_json
 from shards.manifest import manifest_files, read_classes
@@ -37,19 +37,10 @@ from shards.sampling import RowIndex
 from training import runtime as rt
 from training.cam_eval import evaluate_classifier
 from training.checkpoint import resume, save_weights
-from training.classifier_model import config_to_json, toco_config
+from training.classifier_model import build_classifier, config_to_json, toco_config
 from training.data import EvalImages, TrainCrops
-from training.loop import (
-    Throughput,
-    accumulate,
-    batch_stream,
-    log_losses,
-    lr_factor,
-    make_optimizer,
-    open_live,
-    save_resume_state,
-    step_optimizer,
-)
+from training.loop import (Throughput, accumulate, batch_stream, log_losses, lr_factor, make_optimizer, open_live,
+                           save_resume_state, step_optimizer)
 from training.toco_step import ToCoTrainer
 
 log = logging.getLogger("train_classifier")
@@ -71,7 +62,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     val_files = manifest_files(manifest_dir, "val")
     val_set = EvalImages(RowIndex(val_files), num_classes, p.eval_size) if val_files else None
 
-    model = ToCo(toco_config(p, num_classes)).to(env.device)
+    model = build_classifier(toco_config(p, num_classes)).to(env.device)
     trainer = ToCoTrainer(model, p.loss)
     optimizer = make_optimizer(*param_groups(model), p.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.optim))

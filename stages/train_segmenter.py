@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from config.loader import to_dict
 from config.schema import SegmenterParams, load_params_or_exit
-from models.deeplab import DeepLab, param_groups
+from models.deeplab import param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import read_metadata
 from shards.manifest import manifest_files
@@ -40,23 +40,10 @@ from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex
 from training import runtime as rt
 from training.checkpoint import resume, save_weights
-from training.loop import (
-    Throughput,
-    accumulate,
-    batch_stream,
-    log_losses,
-    lr_factor,
-    make_optimizer,
-    open_live,
-    save_resume_state,
-    step_optimizer,
-)
-from training.segmenter_data import (
-    GroundTruthImages,
-    PseudoLabelCrops,
-    rows_with_masks,
-)
-from training.segmenter_model import config_to_json, deeplab_config, predict_probs
+from training.loop import (Throughput, accumulate, batch_stream, log_losses, lr_factor, make_optimizer, open_live,
+                           save_resume_state, step_optimizer)
+from training.segmenter_data import GroundTruthImages, PseudoLabelCrops, rows_with_masks
+from training.segmenter_model import build_segmenter, config_to_json, deeplab_config, predict_probs
 
 log = logging.getLogger("train_segmenter")
 
@@ -103,7 +90,7 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
     crops = PseudoLabelCrops(index, p.augment, params.runtime.seed)
     evals = val_images(manifest_dir, p.eval_images) if env.is_main and p.eval_every > 0 else None
 
-    model = DeepLab(deeplab_config(p, len(class_names))).to(env.device)
+    model = build_segmenter(deeplab_config(p, len(class_names))).to(env.device)
     optimizer = make_optimizer(*param_groups(model), p.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.optim))
     key = fingerprint(to_dict(p), code=code_version("stages.train_segmenter"), inputs=[pseudo_dir],

@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from tqdm import tqdm
 from config.loader import to_dict
 from config.schema import RuntimeConfig, ShapesConfig
 from parallel.shard_map import map_tasks
-from shards.records import voc_palette
+from shards.records import IGNORE_INDEX, voc_palette
+from shards.voc_xml import annotation_xml
 
 CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "star", "ring", "cross", "boat", "plane")
 # Class -> fill texture; the texture is attached to the object (it rotates with it).
@@ -47,7 +47,6 @@ CLASS_TEXTURES: dict[str, str] = {
 CONTEXT_BACKGROUNDS: dict[str, str] = {"boat": "water", "plane": "sky"}
 GENERIC_BACKGROUNDS: tuple[str, ...] = ("noise", "gradient", "clutter", "lines")
 SPLITS: tuple[str, ...] = ("train", "val")
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)
@@ -412,7 +411,7 @@ def _render(cfg: ShapesConfig, split: str, index: int):
         _paint_object(canvas, obj, visible, rng)
         labels[visible] = CLASS_NAMES.index(obj.name) + 1
         ys, xs = np.nonzero(visible)
-        objects.append((obj.name, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))))
+        objects.append((obj.name, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)))
     # The band follows instance outlines, so two touching objects of one class are separated too (as in VOC).
     labels[boundary_band(owner, cfg.boundary_width)] = IGNORE_INDEX
 
@@ -428,8 +427,9 @@ def generate_image(cfg: ShapesConfig, split: str, index: int
     """Image ``index`` of ``split``: ``(image (H, W, 3) uint8, mask (H, W) uint8, objects)``.
 
     ``mask`` holds 0 = background, k = ``CLASS_NAMES[k - 1]``, 255 = ignore band. ``objects`` lists every
-    drawn instance, back to front, as ``(class name, (xmin, ymin, xmax, ymax))`` of its visible pixels,
-    0-based and inclusive (the VOC XML adds 1).
+    drawn instance, back to front, as ``(class name, (x0, y0, x1, y1))`` of its visible pixels: 0-based with
+    exclusive ends, the box convention of shards/voc_xml.py (which writes them as VOC's 1-based inclusive
+    ``bndbox``).
     """
     image, labels, objects, _ = _render(cfg, split, index)
     return image, labels, objects
@@ -440,28 +440,6 @@ def generate_image(cfg: ShapesConfig, split: str, index: int
 
 def image_id(split: str, index: int) -> str:
     return f"shapes_{split}_{index:06d}"
-
-
-def _annotation_xml(name: str, height: int, width: int, objects) -> bytes:
-    root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "shapes"
-    ET.SubElement(root, "filename").text = f"{name}.jpg"
-    size = ET.SubElement(root, "size")
-    for key, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, key).text = str(value)
-    ET.SubElement(root, "segmented").text = "1"
-    for cls, (x0, y0, x1, y1) in objects:
-        node = ET.SubElement(root, "object")
-        ET.SubElement(node, "name").text = cls
-        ET.SubElement(node, "pose").text = "Unspecified"
-        truncated = x0 == 0 or y0 == 0 or x1 == width - 1 or y1 == height - 1
-        ET.SubElement(node, "truncated").text = str(int(truncated))
-        ET.SubElement(node, "difficult").text = "0"
-        box = ET.SubElement(node, "bndbox")
-        for key, value in (("xmin", x0), ("ymin", y0), ("xmax", x1), ("ymax", y1)):
-            ET.SubElement(box, key).text = str(value + 1)  # VOC boxes are 1-based
-    ET.indent(root)
-    return ET.tostring(root, encoding="utf-8")
 
 
 _PALETTE = [c for rgb in voc_palette() for c in rgb]
@@ -476,7 +454,7 @@ def write_one(task: tuple[ShapesConfig, str, str, int]) -> tuple[str, list[str],
     mask.putpalette(_PALETTE)  # "L" becomes "P": pixel = class index, VOC colours
     mask.save(os.path.join(root, "SegmentationClass", f"{name}.png"), optimize=False)
     with open(os.path.join(root, "Annotations", f"{name}.xml"), "wb") as f:
-        f.write(_annotation_xml(name, plan.height, plan.width, objects))
+        f.write(annotation_xml(f"{name}.jpg", plan.height, plan.width, objects, folder="shapes"))
     return split, [cls for cls, _ in objects], plan.background
 
 

@@ -49,7 +49,7 @@ def test_dvc_repro_through_evaluate_then_a_refine_change_reruns_only_what_follow
     assert (project / "metrics/segmenter_confusion.csv").read_text().startswith("actual,predicted\n")
     assert "miou_ms_flip_crf" in run(["dvc", "metrics", "show", "--json"], project).stdout
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
-    assert "metrics/segmenter_confusion.csv" in plots and "dvclive/train_segmenter/plots/metrics/train/loss.tsv" in plots
+    assert "metrics/segmenter_confusion.csv" in plots and "dvclive/train_segmenter/plots/metrics/train/loss_total.tsv" in plots
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["refine"]["ignore_band"] = False  # other masks for certain: no 255 band

@@ -20,6 +20,12 @@ FORBIDDEN = {
     "shards": {"torch", "timm", "torchvision", "prefect", "models", "stages", "pipeline", *HELPERS},
     **{helper: {"stages", "pipeline", "prefect"} for helper in HELPERS},
 }
+# models/ is pure (DESIGN.md §2): torch, timm, numpy and the standard library's pure helpers, no file or network I/O;
+# weights are read by training/weights.py.
+MODELS_MAY_IMPORT = {"__future__", "abc", "collections", "copy", "dataclasses", "enum", "functools", "itertools",
+                     "math", "numbers", "operator", "types", "typing", "numpy", "timm", "torch", "models"}
+IO_CALLS = {"open", "torch.load", "torch.save", "torch.hub.load", "read_text", "read_bytes", "write_text",
+            "write_bytes", "load_file", "save_file", "create_connection"}
 # Layers whose whole import closure must load without torch: pipeline/ runs where torch is not installed.
 TORCH_FREE = ("config", "shards", "pipeline")
 TORCH = {"torch", "timm", "torchvision"}
@@ -60,6 +66,42 @@ def test_layer_imports(package):
         if wrong:
             bad.append(f"{path.relative_to(ROOT)} imports {sorted(wrong)}")
     assert not bad, "layer rule broken (DESIGN.md §2):\n" + "\n".join(bad)
+
+
+def test_models_import_only_torch_timm_numpy_and_pure_stdlib():
+    bad = []
+    for path in sorted((ROOT / "models").rglob("*.py")):
+        wrong = {n.split(".")[0] for n in imported_names(path)} - MODELS_MAY_IMPORT
+        if wrong:
+            bad.append(f"{path.relative_to(ROOT)} imports {sorted(wrong)}")
+    assert not bad, "models/ must stay pure torch (DESIGN.md §2):\n" + "\n".join(bad)
+
+
+def called_names(path: Path) -> set[str]:
+    """Dotted names of everything called in ``path`` (``torch.load``, ``open``, ``p.read_text`` as ``read_text``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            parts, func = [], node.func
+            while isinstance(func, ast.Attribute):
+                parts.append(func.attr)
+                func = func.value
+            if isinstance(func, ast.Name):
+                parts.append(func.id)
+            names.update({".".join(reversed(parts)), parts[0]} if parts else set())
+    return names
+
+
+def test_models_do_no_file_or_network_io():
+    bad = [f"{path.relative_to(ROOT)} calls {sorted(called_names(path) & IO_CALLS)}"
+           for path in sorted((ROOT / "models").rglob("*.py")) if called_names(path) & IO_CALLS]
+    assert not bad, "models/ reads no files (training/weights.py does):\n" + "\n".join(bad)
+
+
+def test_io_call_checker_catches_one(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("import torch\ndef f(p):\n    return torch.load(p, weights_only=True), open(p).read()\n")
+    assert {"torch.load", "open"} <= called_names(f) & IO_CALLS
 
 
 def test_no_stage_imports_another_stage():

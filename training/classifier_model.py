@@ -1,32 +1,21 @@
-"""Build the ToCo classifier from params, and load the trained one (for dump_cams and relabel)."""
+"""Build the ToCo classifier from params (pretrained weights through training/weights.py), and load the trained one
+(for dump_cams and relabel)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from config.schema import ClassifierParams
+from models.backbone import check_vit, create_vit, vit_kwargs
 from models.configs import ToCoConfig
-from models.toco import ToCo
+from models.toco import ToCo, backbone_arguments
 from training.checkpoint import load_weights
-
-
-def resolve_weights(spec: str) -> str:
-    """A weight-file spec as a path: ``pkg:<module>/<file>`` names a file shipped inside an installed package."""
-    if not spec.startswith("pkg:"):
-        return spec
-    module, _, relative = spec[4:].partition("/")
-    found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"{spec}: package {module!r} is not installed (it is in requirements.txt)")
-    path = Path(list(found.submodule_search_locations)[0]) / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{spec}: {path} does not exist")
-    return str(path)
+from training.weights import NO_WEIGHTS, hub_model, load_state_dict, resolve_weights
 
 
 def toco_config(p: ClassifierParams, num_classes: int) -> ToCoConfig:
@@ -34,6 +23,26 @@ def toco_config(p: ClassifierParams, num_classes: int) -> ToCoConfig:
     weight spec resolved to its file."""
     cfg = p.toco(num_classes)
     return dataclasses.replace(cfg, stem_weights=resolve_weights(cfg.stem_weights) if cfg.stem else "")
+
+
+def pretrained_vit(name: str, *, pretrained: str = "none", stem: str = "", stem_weights: str = "",
+                   freeze_pos_embed: bool = False, **arch: Any) -> nn.Module:
+    """``models.backbone.create_vit(name, **arch)`` with the weights of ``pretrained`` for the ViT and of
+    ``stem_weights`` (the whole stem CNN, "" = random) for the stem ``stem`` names (training/weights.py reads them)."""
+    if stem:
+        arch.update(stem=stem, stem_source=stem_weights,
+                    stem_state=load_state_dict(stem_weights) if stem_weights else None)
+    if pretrained == "hub":  # timm resizes the position embedding itself
+        return check_vit(hub_model(name, **vit_kwargs(**arch)), name, freeze_pos_embed=freeze_pos_embed)
+    state = None if pretrained in NO_WEIGHTS else load_state_dict(pretrained)
+    return create_vit(name, state=state, freeze_pos_embed=freeze_pos_embed, **arch)
+
+
+def build_classifier(cfg: ToCoConfig) -> ToCo:
+    """A fresh ToCo with the pretrained weights ``cfg`` names (``pretrained``, ``stem_weights``) loaded."""
+    cfg.validate()
+    return ToCo(cfg, pretrained_vit(cfg.backbone, pretrained=cfg.pretrained, stem_weights=cfg.stem_weights,
+                                    **backbone_arguments(cfg)))
 
 
 def config_to_json(cfg: ToCoConfig, class_names: list[str]) -> dict[str, Any]:

@@ -61,13 +61,18 @@ def resize_to_multiple(rgb: np.ndarray, long_side: int, multiple: int) -> np.nda
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
 
 
-class TrainCrops(Dataset):
-    """Augmented training crops of the tagged rows of some manifest shards, indexed by (epoch, row) so that loader
-    workers need no shared epoch counter; ``valid`` marks the image inside the crop's padding."""
+class PairCrops(Dataset):
+    """Augmented crops of the rows of some shards (training/transforms.py: ``augment_pair``), indexed by
+    (epoch, row) so that loader workers need no shared epoch counter. A sample's randomness is
+    ``default_rng([seed, epoch, row])``: independent of worker count and order, so a resumed run reproduces the
+    interrupted one without saving any data RNG state. Subclasses say which mask goes with the image and what a
+    sample holds."""
 
-    def __init__(self, index: RowIndex, num_classes: int, cfg: AugmentConfig, seed: int):
-        self.reader = RowReader(index, columns=["image", "tags"], cache_groups=8)
-        self.num_classes, self.cfg, self.seed = num_classes, cfg, seed
+    columns: tuple[str, ...] = ("image",)
+
+    def __init__(self, index: RowIndex, cfg: AugmentConfig, seed: int):
+        self.reader = RowReader(index, columns=list(self.columns), cache_groups=8)
+        self.cfg, self.seed = cfg, seed
 
     def __len__(self) -> int:
         return len(self.reader.index)
@@ -77,13 +82,31 @@ class TrainCrops(Dataset):
         row = self.reader.row(number)
         rng = np.random.default_rng([self.seed, epoch, number])
         rgb = decode_rgb(row["image"]["bytes"])
-        crop, mask = augment_pair(rgb, np.ones(rgb.shape[:2], np.uint8), self.cfg, rng)
-        valid = mask != IGNORE_INDEX
-        return {
-            "image": to_tensor(crop),  # (3, S, S)
-            "valid": torch.from_numpy(np.ascontiguousarray(valid)),  # (S, S)
-            "labels": torch.from_numpy(multi_hot(row["tags"], self.num_classes)),  # (K,)
-        }
+        crop, mask = augment_pair(rgb, self.mask(row, rgb), self.cfg, rng)
+        return {"image": to_tensor(crop), **self.sample(row, mask)}  # image (3, S, S)
+
+    def mask(self, row: dict[str, Any], rgb: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def sample(self, row: dict[str, Any], mask: np.ndarray) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class TrainCrops(PairCrops):
+    """The classifier's crops of tagged manifest rows: ``valid`` marks the image inside the crop's padding."""
+
+    columns = ("image", "tags")
+
+    def __init__(self, index: RowIndex, num_classes: int, cfg: AugmentConfig, seed: int):
+        super().__init__(index, cfg, seed)
+        self.num_classes = num_classes
+
+    def mask(self, row: dict[str, Any], rgb: np.ndarray) -> np.ndarray:
+        return np.ones(rgb.shape[:2], np.uint8)  # padding turns it to IGNORE_INDEX
+
+    def sample(self, row: dict[str, Any], mask: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"valid": torch.from_numpy(np.ascontiguousarray(mask != IGNORE_INDEX)),  # (S, S)
+                "labels": torch.from_numpy(multi_hot(row["tags"], self.num_classes))}  # (K,)
 
 
 class EvalImages(Dataset):

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Sampler
 
 from shards.images import decode_mask_png, decode_rgb
 from shards.package import open_package
+from shards.records import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,7 +47,8 @@ class TrainTransform:
     """Random rescale, pad (image 0 after normalising, mask ``ignore_index``), random crop, random h-flip."""
 
     def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), flip: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, ignore_index: int = 255):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 ignore_index: int = IGNORE_INDEX):
         self.crop_size, self.scale_range, self.flip, self.ignore_index = crop_size, scale_range, flip, ignore_index
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)

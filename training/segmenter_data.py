@@ -2,9 +2,8 @@
 
 Paired augmentation (DeepLab's; the one pair transform of training/transforms.py): optional resize of the long
 side, random rescale by U(lo, hi) (image bilinear, mask nearest), horizontal flip, colour jitter of the image only,
-then a random crop after padding to the crop size (image with 0, mask with 255 = ignore, so padding never trains). Each sample's randomness comes from
-``np.random.default_rng([seed, epoch, row])``, as in training/data.py: independent of worker count and order, and a
-resumed run reproduces the interrupted one without saving any data RNG state.
+then a random crop after padding to the crop size (image with 0, mask with 255 = ignore, so padding never trains).
+Each sample's randomness comes from ``np.random.default_rng([seed, epoch, row])`` (training/data.py: PairCrops).
 """
 
 from __future__ import annotations
@@ -16,33 +15,21 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
-from config.schema import AugmentConfig
 from shards.images import decode_mask_png, decode_rgb
 from shards.sampling import RowIndex, RowReader
-from training.data import to_tensor
-from training.transforms import augment_pair
+from training.data import PairCrops
 
 
-class PseudoLabelCrops(Dataset):
-    """Augmented (image, pseudo mask) crops, indexed by (epoch, row) so workers need no shared epoch counter."""
+class PseudoLabelCrops(PairCrops):
+    """The segmenter's crops: image and pseudo mask, augmented together (255 = ignore, padding included)."""
 
-    def __init__(self, index: RowIndex, cfg: AugmentConfig, seed: int):
-        self.reader = RowReader(index, columns=["image", "mask"], cache_groups=8)
-        self.cfg, self.seed = cfg, seed
+    columns = ("image", "mask")
 
-    def __len__(self) -> int:
-        return len(self.reader.index)
+    def mask(self, row: dict[str, Any], rgb: np.ndarray) -> np.ndarray:
+        return decode_mask_png(row["mask"]["bytes"])
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, number = key
-        row = self.reader.row(number)
-        rng = np.random.default_rng([self.seed, epoch, number])
-        crop, mask = augment_pair(decode_rgb(row["image"]["bytes"]), decode_mask_png(row["mask"]["bytes"]),
-                                  self.cfg, rng)
-        return {
-            "image": to_tensor(crop),  # (3, S, S)
-            "mask": torch.from_numpy(mask.astype(np.int64)),  # (S, S), 255 = ignore
-        }
+    def sample(self, row: dict[str, Any], mask: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"mask": torch.from_numpy(mask.astype(np.int64))}  # (S, S), 255 = ignore
 
 
 def rows_with_masks(paths: list) -> list[int]:

@@ -1,4 +1,5 @@
-"""Build the DeepLab segmenter from params, load the trained one, and predict class probabilities of an image.
+"""Build the DeepLab segmenter from params (pretrained backbone read by training/weights.py), load the trained one,
+and predict class probabilities of an image.
 
 ``predict_probs`` is the inference of METHODS.md §4 used by ``train_segmenter`` (single scale, periodic val mIoU)
 and ``evaluate`` (multi-scale + flip): the image (long side resized to ``size``) is rescaled by each factor, the
@@ -18,11 +19,11 @@ import torch.nn.functional as F
 
 from config.schema import SegmenterParams
 from models.configs import DeepLabConfig
-from models.deeplab import DeepLab
+from models.deeplab import DeepLab, create_features, features_kwargs
 from shards.images import resize_long
 from training.checkpoint import load_weights
-from training.classifier_model import resolve_weights
 from training.data import to_tensor
+from training.weights import NO_WEIGHTS, hub_model, load_state_dict, resolve_weights
 
 
 def deeplab_config(p: SegmenterParams, num_classes: int) -> DeepLabConfig:
@@ -31,6 +32,21 @@ def deeplab_config(p: SegmenterParams, num_classes: int) -> DeepLabConfig:
     cfg = p.deeplab(num_classes)
     pretrained = cfg.pretrained if cfg.pretrained in ("none", "hub", "") else resolve_weights(cfg.pretrained)
     return dataclasses.replace(cfg, pretrained=pretrained or "none")
+
+
+def pretrained_features(name: str, output_stride: int, pretrained: str = "none") -> torch.nn.Module:
+    """``models.deeplab.create_features`` with the backbone weights ``pretrained`` names (training/weights.py)."""
+    if pretrained == "hub":
+        return hub_model(name, **features_kwargs(output_stride))
+    if pretrained in NO_WEIGHTS:
+        return create_features(name, output_stride)
+    return create_features(name, output_stride, state=load_state_dict(pretrained), source=pretrained)
+
+
+def build_segmenter(cfg: DeepLabConfig) -> DeepLab:
+    """A fresh DeepLab with the pretrained backbone weights ``cfg.pretrained`` names loaded."""
+    cfg.validate()
+    return DeepLab(cfg, pretrained_features(cfg.backbone, cfg.output_stride, cfg.pretrained))
 
 
 def config_to_json(cfg: DeepLabConfig, class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> dict[str, Any]:

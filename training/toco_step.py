@@ -21,9 +21,8 @@ from models.ctc import ViewAugConfig, augment_view, region_from_labels, sample_l
 from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, pcl_loss, ptc_loss
 from models.pseudo import label_ignore_middle, online_pseudo_labels
 from models.toco import ToCo
+from shards.records import IGNORE_INDEX
 from training.data import IMAGENET_MEAN, IMAGENET_STD, denormalize
-
-IGNORE = 255
 
 
 class ToCoTrainer(nn.Module):
@@ -62,19 +61,21 @@ class ToCoTrainer(nn.Module):
         if cfg.use_ptc and need_aux_cam:
             grid = out["tokens"].shape[-2:]
             token_labels = label_ignore_middle(cams_at_tokens(aux_cam, grid), labels, cfg.thresholds.high,
-                                               cfg.thresholds.low, IGNORE)  # (B, h, w)
-            token_labels = token_labels.masked_fill(~valid_at_tokens(valid, grid), IGNORE)
-            losses["ptc"] = ptc_loss(out["tokens"][:B], token_labels)
+                                               cfg.thresholds.low, ignore_index=IGNORE_INDEX)  # (B, h, w)
+            token_labels = token_labels.masked_fill(~valid_at_tokens(valid, grid), IGNORE_INDEX)
+            losses["ptc"] = ptc_loss(out["tokens"][:B], token_labels, ignore_index=IGNORE_INDEX)
         else:
             losses["ptc"] = zero
 
         if net.use_ctc:
             if need_aux_cam:
-                pixel_labels = label_ignore_middle(aux_cam, labels, cfg.thresholds.high, cfg.thresholds.low, IGNORE)
+                pixel_labels = label_ignore_middle(aux_cam, labels, cfg.thresholds.high, cfg.thresholds.low,
+                                                   ignore_index=IGNORE_INDEX)
             else:  # without the aux head every pixel counts as uncertain
-                pixel_labels = torch.full(valid.shape, IGNORE, dtype=torch.long, device=x.device)
-            crops, positive = sample_local_crops(x, region_from_labels(pixel_labels), cfg.local_crops,
-                                                 cfg.local_crop_size, generator=generator, valid=valid)
+                pixel_labels = torch.full(valid.shape, IGNORE_INDEX, dtype=torch.long, device=x.device)
+            regions = region_from_labels(pixel_labels, ignore_index=IGNORE_INDEX)
+            crops, positive = sample_local_crops(x, regions, cfg.local_crops, cfg.local_crop_size, generator=generator,
+                                                 valid=valid)
             local_tokens = model.class_token(crops)  # (B*n, C): the second and last encoder pass
             n = cfg.local_crops
             students = model.project(torch.cat([out["cls_token"], local_tokens], dim=0))
@@ -91,20 +92,21 @@ class ToCoTrainer(nn.Module):
         run_afa = net.use_afa and step >= cfg.seg_start_iter
         final_cam = self._cam(out["tokens"][:B], "final", x, labels, valid) if (run_seg or run_afa or cfg.use_pcl) \
             else None
-        pseudo = online_pseudo_labels(final_cam, labels, denormalize(x), cfg.thresholds, cfg.par, valid) \
-            if (run_seg or run_afa) else None
-        losses["seg"] = balanced_seg_loss(out["seg"][:B], pseudo) if run_seg else zero
+        pseudo = online_pseudo_labels(final_cam, labels, denormalize(x), cfg.thresholds, cfg.par, valid,
+                                      ignore_index=IGNORE_INDEX) if (run_seg or run_afa) else None
+        losses["seg"] = balanced_seg_loss(out["seg"][:B], pseudo, ignore_index=IGNORE_INDEX) if run_seg else zero
         grid = out["tokens"].shape[-2:]
         if run_afa:
             token_pseudo = F.interpolate(pseudo[:, None].float(), size=grid, mode="nearest")[:, 0].long()
-            losses["afa"] = affinity_loss(out["affinity_logits"][:B], affinity_targets(token_pseudo, cfg.afa_radius))
+            targets = affinity_targets(token_pseudo, cfg.afa_radius, ignore_index=IGNORE_INDEX)
+            losses["afa"] = affinity_loss(out["affinity_logits"][:B], targets)
         else:
             losses["afa"] = zero
         if cfg.use_pcl:  # APC: token labels from the final CAM (ignore-middle), signed-cosine contrast
             token_labels = label_ignore_middle(cams_at_tokens(final_cam, grid), labels, cfg.thresholds.high,
-                                               cfg.thresholds.low, IGNORE)
-            token_labels = token_labels.masked_fill(~valid_at_tokens(valid, grid), IGNORE)
-            losses["pcl"] = pcl_loss(out["tokens"][:B], token_labels)
+                                               cfg.thresholds.low, ignore_index=IGNORE_INDEX)
+            token_labels = token_labels.masked_fill(~valid_at_tokens(valid, grid), IGNORE_INDEX)
+            losses["pcl"] = pcl_loss(out["tokens"][:B], token_labels, ignore_index=IGNORE_INDEX)
         else:
             losses["pcl"] = zero
         losses["trt"] = multilabel_cls_loss(out["trt_logits"][:B], labels) if net.use_trt else zero

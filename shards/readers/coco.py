@@ -35,9 +35,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from shards.records import DataError, Reject, RejectError, SourceRecord, check_image_id
+from shards.records import IGNORE_INDEX, DataError, Reject, RejectError, SourceRecord, check_image_id
 
-IGNORE_INDEX = 255
 _RLE_BITS = 5  # compressed RLE: 5 data bits per character, then a continuation bit (0x20), offset 48
 _RLE_OFFSET = 48
 

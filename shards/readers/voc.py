@@ -5,7 +5,7 @@ Layout under ``root``::
     JPEGImages/<id>.jpg            images (.jpg, else .jpeg / .png / .JPG / .JPEG / .PNG)
     SegmentationClass/<id>.png     ground truth, palette PNG of class ids, 255 = ignore (optional)
     ImageSets/Segmentation/<split>.txt   ids of a split (else ImageSets/Main/<split>.txt)
-    Annotations/<id>.xml           object annotations, source of tags (optional)
+    Annotations/<id>.xml           object annotations, source of tags (optional; shards/voc_xml.py reads them)
     classes.txt                    class list, when it is not the 20 VOC classes (optional)
 
 Tags (``tags_from``): ``"xml"`` object names of the XML (``difficult`` objects included); ``"file"`` a
@@ -30,11 +30,19 @@ import numpy as np
 
 from shards.classes import VOC_CLASSES, names_to_ids, read_class_list, read_tags_csv
 from shards.images import decode_mask
-from shards.records import DataError, Reject, RejectError, SourceRecord, check_image_id, voc_palette
+from shards.records import (
+    IGNORE_INDEX,
+    DataError,
+    Reject,
+    RejectError,
+    SourceRecord,
+    check_image_id,
+    voc_palette,
+)
+from shards.voc_xml import read_annotation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")  # order = preference
 TAG_SOURCES = ("auto", "xml", "file", "mask", "none")
-IGNORE_INDEX = 255
 
 
 def voc_class_names(root: str | os.PathLike, classes_file: str | os.PathLike | None = None) -> tuple[str, ...]:
@@ -83,16 +91,12 @@ def _tags_file_ids(path: str | os.PathLike, class_names: Sequence[str]) -> dict[
 def _xml_tags(path: Path, class_names: Sequence[str]) -> tuple[int, ...] | str:
     """Class ids of an annotation XML, or the reason it cannot be read; unknown classes are a DataError."""
     try:
-        root = ET.parse(path).getroot()
+        objects = read_annotation(path)
     except (ET.ParseError, OSError, UnicodeDecodeError) as exc:
         return f"unreadable annotation XML {path} ({exc})"
-    names = []
-    for obj in root.findall("object"):
-        name = (obj.findtext("name") or "").strip()
-        if not name:
-            return f"annotation XML {path} has an object without a name"
-        names.append(name)
-    return names_to_ids(names, class_names, where=str(path))
+    if any(not obj.name for obj in objects):
+        return f"annotation XML {path} has an object without a name"
+    return names_to_ids([obj.name for obj in objects], class_names, where=str(path))
 
 
 def _mask_tags(path: Path, num_classes: int) -> tuple[int, ...]:

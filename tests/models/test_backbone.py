@@ -1,14 +1,13 @@
-"""models/backbone.py: timm ViT creation, safe local weights, pos_embed resizing, offline hub errors."""
+"""models/backbone.py: timm ViT creation, in-memory weights fitted to it (pos_embed resizing, patch kernel).
 
-import contextlib
-import time
+Reading weight files and the hub: tests/training/test_weights.py.
+"""
 
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
-from models.backbone import create_vit, load_backbone_weights, patch_grid, patch_stride, read_state_dict
+from models.backbone import create_vit, load_backbone_weights, patch_grid, patch_stride
 
 TINY = dict(embed_dim=32, depth=4, num_heads=2)
 
@@ -32,106 +31,49 @@ def test_freeze_pos_embed():
     assert tiny().pos_embed.requires_grad
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_local_weights_into_another_grid(tmp_path, suffix):
+def test_weights_into_another_grid():
     source = tiny(img_size=32)
-    path = tmp_path / f"w{suffix}"
-    state = source.state_dict()
-    if suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    else:  # a training checkpoint: nested, DDP prefixes, a classifier head the backbone does not have
-        nested = {f"module.{k}": v for k, v in state.items()}
-        nested["module.head.weight"] = torch.zeros(5, 32)
-        torch.save({"model": nested, "step": torch.tensor(3)}, path)
-    target = create_vit("vit_tiny_patch16_224", img_size=64, patch_size=8, pretrained=str(path), **TINY).eval()
+    target = create_vit("vit_tiny_patch16_224", img_size=64, patch_size=8, state=source.state_dict(), **TINY).eval()
     assert target.pos_embed.shape == (1, 1 + 8 * 8, 32)
     # The source resamples its 4×4 embedding on the fly at 64 px exactly as the loader resized it.
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(target.forward_features(x), source.forward_features(x))
+
+
+def test_prefixes_and_a_classifier_head_are_dropped():
+    source = tiny()
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state["head.weight"] = torch.zeros(5, 32)
+    target = tiny(seed=1)
+    load_backbone_weights(target, state)
     assert "head.weight" not in target.state_dict()
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value)
 
 
-def test_patch_kernel_resampled_for_another_patch_size(tmp_path):
-    path = tmp_path / "w.safetensors"
-    save_file(tiny(patch_size=8).state_dict(), str(path))
-    model = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=4, pretrained=str(path), **TINY)
+def test_patch_kernel_resampled_for_another_patch_size():
+    model = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=4, state=tiny(patch_size=8).state_dict(),
+                       **TINY)
     assert model.patch_embed.proj.weight.shape[-2:] == (4, 4)
     assert model.pos_embed.shape[1] == 1 + 8 * 8
 
 
-_EXECUTED = []
-
-
-class _Payload:
-    def __reduce__(self):
-        return (_EXECUTED.append, ("pwned",))
-
-
-def test_pickled_objects_are_refused(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"model": tiny().state_dict(), "payload": _Payload()}, path)
-    with pytest.raises(ValueError, match="weights_only"):
-        read_state_dict(str(path))
-    assert _EXECUTED == []
-
-
-def test_mismatched_weights_name_the_keys(tmp_path):
-    path = tmp_path / "deeper.safetensors"
-    save_file(create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=5,
-                         num_heads=2).state_dict(), str(path))
+def test_mismatched_weights_name_the_keys():
+    deeper = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=5, num_heads=2)
     with pytest.raises(ValueError, match=r"unexpected \(\d+\): blocks\.4\."):
-        create_vit("vit_tiny_patch16_224", img_size=32, pretrained=str(path), patch_size=8, **TINY)
+        create_vit("vit_tiny_patch16_224", img_size=32, state=deeper.state_dict(), patch_size=8, **TINY)
     state = tiny().state_dict()
     del state["norm.weight"]
     with pytest.raises(ValueError, match=r"missing \(1\): norm\.weight"):
         load_backbone_weights(tiny(), state)
 
 
-def test_unknown_file_type(tmp_path):
-    with pytest.raises(ValueError, match="unknown weight file type"):
-        read_state_dict(str(tmp_path / "w.npz"))
-
-
-def test_hub_unreachable_gives_clear_error(tmp_path, monkeypatch):
-    import huggingface_hub.constants as hf_constants
-
-    import models.backbone as backbone
-
-    def no_route(*args, **kwargs):
-        raise OSError("Name or service not known")
-
-    monkeypatch.setattr(backbone.socket, "create_connection", no_route)  # as on a machine without internet
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    start = time.perf_counter()
-    with pytest.raises(RuntimeError, match="unreachable.*local file"):
-        create_vit("vit_tiny_patch16_224", img_size=32, pretrained="hub", **TINY)
-    assert time.perf_counter() - start < 5  # no minute of download retries
-    assert hf_constants.HF_HUB_OFFLINE is False  # offline mode was only borrowed
-
-
-def test_hub_errors_classified(monkeypatch):
-    import timm.models._builder as builder
-
-    import models.backbone as backbone
-
-    monkeypatch.setattr(backbone, "_offline_unless_reachable", contextlib.nullcontext)
-
-    def refuse(*args, **kwargs):
-        raise ConnectionError("name resolution failed")
-
-    monkeypatch.setattr(builder, "load_pretrained", refuse)
-    with pytest.raises(RuntimeError, match="unreachable"):
-        create_vit("vit_tiny_patch16_224", img_size=32, pretrained="hub", **TINY)
-
-    def broken(*args, **kwargs):
-        raise KeyError("not a network problem")
-
-    monkeypatch.setattr(builder, "load_pretrained", broken)
-    with pytest.raises(KeyError):
-        create_vit("vit_tiny_patch16_224", img_size=32, pretrained="hub", **TINY)
+def test_pos_embed_of_a_non_square_grid_is_refused():
+    state = tiny().state_dict()
+    state["pos_embed"] = torch.zeros(1, 1 + 6, 32)  # 6 patch tokens: no square grid
+    with pytest.raises(ValueError, match="not a square grid"):
+        load_backbone_weights(tiny(), state)
 
 
 def test_timm_equivalence():

@@ -1,10 +1,13 @@
-"""models/deeplab.py: output shapes at stride 8/16 for V2 and V3+, ASPP rates, weight loading, frozen BN."""
+"""models/deeplab.py: output shapes at stride 8/16 for V2 and V3+, ASPP rates, in-memory weights, frozen BN.
+
+Reading weight files: tests/training/test_weights.py.
+"""
 
 import pytest
 import timm
 import torch
 
-from models.deeplab import DeepLab, DeepLabConfig, SummedASPP, load_features_weights, param_groups
+from models.deeplab import DeepLab, DeepLabConfig, SummedASPP, create_features, load_features_weights, param_groups
 
 K = 3  # classes, background included
 SMALL = "mobilenetv3_small_050"  # 0.3M parameters: features at strides 2..32, dilatable
@@ -50,25 +53,31 @@ def test_v2_head_sums_dilated_branches_straight_to_classes():
                for branch, d in zip(head.branches, (1, 2, 3, 4)))
 
 
-def test_local_weights_by_name_and_whole_network_by_order(tmp_path):
+def test_weights_by_name_and_whole_network_by_order():
     torch.manual_seed(1)
     full = timm.create_model(SMALL, pretrained=False)
-    path = tmp_path / "renamed.pth"  # another implementation's export: other names, same order and shapes
-    torch.save({f"_{i:03d}.{k.replace('.', '_')}": v.clone() for i, (k, v) in enumerate(full.state_dict().items())},
-               path)
-    model = tiny(pretrained=str(path))
-    own = model.backbone.module.state_dict()
+    # another implementation's export: other names, same order and shapes
+    renamed = {f"_{i:03d}.{k.replace('.', '_')}": v.clone() for i, (k, v) in enumerate(full.state_dict().items())}
+    own = create_features(SMALL, 16, state=renamed, source="renamed.pth").state_dict()
     for key in ("conv_stem.weight", "bn1.running_var", "blocks.1.0.conv_pw.weight"):
         torch.testing.assert_close(own[key], full.state_dict()[key])
-    features_only = tmp_path / "features.pth"
-    torch.save(own, features_only)
-    reloaded = tiny(pretrained=str(features_only), seed=5).backbone.module.state_dict()
+    torch.manual_seed(5)
+    reloaded = create_features(SMALL, 16, state=own).state_dict()
     for key in own:
         torch.testing.assert_close(reloaded[key], own[key])
     broken = dict(own)
     broken.pop("conv_stem.weight")
     with pytest.raises(ValueError, match="tensors"):
         load_features_weights(timm.create_model(SMALL, features_only=True), SMALL, broken, "broken.pth")
+
+
+def test_the_given_backbone_is_used_and_weights_are_not_read_here():
+    features = create_features(SMALL, 16)
+    model = DeepLab(DeepLabConfig(num_classes=K, backbone=SMALL, output_stride=16, aspp_channels=16,
+                                  decoder_channels=16, low_level_channels=8), features)
+    assert model.backbone.module is features
+    with pytest.raises(ValueError, match="build_segmenter"):  # training/weights.py reads files, not models/
+        tiny(pretrained="weights.pth")
 
 
 def test_input_renormalised_to_the_backbone_convention():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.losses import LossWeights, balanced_seg_loss, ctc_loss, multilabel_cls_loss, ptc_loss
+from shards.records import IGNORE_INDEX
 
 R2 = 1 / math.sqrt(2)
 
@@ -44,15 +45,16 @@ def test_ptc_loss_by_hand():
     tokens = _three_tokens()
     # positives (0,1),(1,0): S = 1/sqrt2; negatives (0,2),(2,0): 0 and (1,2),(2,1): 1/sqrt2
     expected = 0.5 * (1 - R2) + 0.5 * (2 * R2 / 4)
-    _close(ptc_loss(tokens, torch.tensor([[[1, 1, 2]]])), expected)
+    _close(ptc_loss(tokens, torch.tensor([[[1, 1, 2]]]), ignore_index=IGNORE_INDEX), expected)
 
 
 def test_ptc_loss_missing_sides_are_zero():
     tokens = _three_tokens()
-    _close(ptc_loss(tokens, torch.tensor([[[1, 1, 255]]])), 0.5 * (1 - R2))  # no negatives
-    _close(ptc_loss(tokens, torch.tensor([[[1, 2, 255]]])), 0.5 * R2)  # no positives: the term is 0, not 0.5
+    _close(ptc_loss(tokens, torch.tensor([[[1, 1, 255]]]), ignore_index=IGNORE_INDEX), 0.5 * (1 - R2))  # no negatives
+    # no positives: the term is 0, not 0.5
+    _close(ptc_loss(tokens, torch.tensor([[[1, 2, 255]]]), ignore_index=IGNORE_INDEX), 0.5 * R2)
     tokens.requires_grad_(True)
-    loss = ptc_loss(tokens, torch.full((1, 1, 3), 255))
+    loss = ptc_loss(tokens, torch.full((1, 1, 3), 255), ignore_index=IGNORE_INDEX)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(tokens.grad).all()
 
@@ -62,7 +64,7 @@ def test_ptc_loss_pairs_stay_within_an_image():
     # Across images, (A0, B0) would be a positive pair with S = 0 and raise the loss: it must not count.
     tokens = torch.tensor([[[[1.0, 2.0]], [[0.0, 0.0]]], [[[0.0, 1.0]], [[1.0, 0.0]]]])  # (2, 2, 1, 2)
     labels = torch.tensor([[[1, 1]], [[1, 2]]])
-    _close(ptc_loss(tokens, labels), 0.5 * (1 - 1.0) + 0.5 * 0.0)
+    _close(ptc_loss(tokens, labels, ignore_index=IGNORE_INDEX), 0.5 * (1 - 1.0) + 0.5 * 0.0)
 
 
 def test_ptc_loss_bf16_autocast_gradient_finite():
@@ -70,7 +72,7 @@ def test_ptc_loss_bf16_autocast_gradient_finite():
     labels = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(1))
     labels[0, 0] = 255
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ptc_loss(tokens, labels)
+        loss = ptc_loss(tokens, labels, ignore_index=IGNORE_INDEX)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(tokens.grad).all()
 
@@ -137,18 +139,19 @@ def test_balanced_seg_loss_by_hand():
     logits = torch.tensor(px).t().reshape(1, 3, 1, 4)
     bg = (_ce(px[0], 0) + _ce(px[3], 0)) / 2
     fg = _ce(px[1], 2)
-    _close(balanced_seg_loss(logits, torch.tensor(pseudo).reshape(1, 1, 4)), 0.5 * (bg + fg))
+    _close(balanced_seg_loss(logits, torch.tensor(pseudo).reshape(1, 1, 4), ignore_index=IGNORE_INDEX),
+           0.5 * (bg + fg))
 
 
 def test_balanced_seg_loss_one_sided_and_all_ignored():
     logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     background_only = torch.zeros(2, 4, 4, dtype=torch.long)
-    loss = balanced_seg_loss(logits, background_only)
+    loss = balanced_seg_loss(logits, background_only, ignore_index=IGNORE_INDEX)
     _close(loss, 0.5 * F.cross_entropy(logits, background_only).item())  # the fg term is exactly 0
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     logits.grad = None
-    ignored = balanced_seg_loss(logits, torch.full((2, 4, 4), 255))
+    ignored = balanced_seg_loss(logits, torch.full((2, 4, 4), 255), ignore_index=IGNORE_INDEX)
     ignored.backward()
     assert ignored.item() == 0.0 and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() == 0
 
@@ -157,4 +160,5 @@ def test_balanced_seg_loss_upsamples_logits():
     logits = torch.randn(1, 3, 4, 4)
     pseudo = torch.randint(0, 3, (1, 8, 8))
     up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
-    _close(balanced_seg_loss(logits, pseudo), balanced_seg_loss(up, pseudo).item())
+    _close(balanced_seg_loss(logits, pseudo, ignore_index=IGNORE_INDEX),
+           balanced_seg_loss(up, pseudo, ignore_index=IGNORE_INDEX).item())

@@ -14,6 +14,7 @@ from models.pseudo import (
     online_pseudo_labels,
     present_class_slots,
 )
+from shards.records import IGNORE_INDEX
 
 
 def _pixels(values):
@@ -38,7 +39,7 @@ def test_label_plain_without_tags_is_background():
 def test_label_ignore_middle_bands():
     cams = _pixels([[0.8, 0.1], [0.1, 0.7], [0.3, 0.0], [0.25, 0.2], [0.0, 0.71]])
     labels = torch.tensor([[1, 1]])
-    out = label_ignore_middle(cams, labels, high=0.7, low=0.25)
+    out = label_ignore_middle(cams, labels, high=0.7, low=0.25, ignore_index=IGNORE_INDEX)
     assert out.tolist() == [[[1, 255, 255, 0, 2]]]
     assert out.dtype == torch.long
 
@@ -79,7 +80,7 @@ def _stripes():
 
 def test_online_pseudo_labels_combines_high_and_low_runs():
     images, cams, labels = _stripes()
-    out = online_pseudo_labels(cams, labels, images, ThresholdConfig(), ParConfig())
+    out = online_pseudo_labels(cams, labels, images, ThresholdConfig(), ParConfig(), ignore_index=IGNORE_INDEX)
     assert out.shape == (1, 16, 48) and out.dtype == torch.long
     # interiors (2 px away from the stripe borders): high says class 3 / high says bg but low says class -> 255 /
     # both say background -> 0
@@ -98,7 +99,7 @@ def test_online_pseudo_labels_valid_region_and_batch_with_different_tags():
     labels = torch.tensor([[0, 0, 1, 0], [0, 1, 0, 1]])
     valid = torch.ones(2, 16, 48, dtype=torch.bool)
     valid[0, :, 40:] = False
-    out = online_pseudo_labels(cams, labels, images, valid=valid)
+    out = online_pseudo_labels(cams, labels, images, valid=valid, ignore_index=IGNORE_INDEX)
     assert out[0, :, 40:].eq(255).all()
     assert out[0, :, :14].eq(3).all() and out[0, :, 34:40].eq(0).all()
     assert out[1, :, 34:].eq(2).all() and out[1, :, 18:30].eq(255).all() and out[1, :, :14].eq(0).all()
@@ -111,7 +112,7 @@ def test_online_pseudo_labels_only_tags_background_or_ignore(seed, k):
     cams = torch.rand(2, k, 12, 10, generator=g)
     labels = (torch.rand(2, k, generator=g) > 0.5).long()
     images = torch.rand(2, 3, 12, 10, generator=g)
-    out = online_pseudo_labels(cams, labels, images, par_cfg=ParConfig(iterations=2))
+    out = online_pseudo_labels(cams, labels, images, par_cfg=ParConfig(iterations=2), ignore_index=IGNORE_INDEX)
     for b in range(2):
         allowed = {0, 255} | {c + 1 for c in range(k) if labels[b, c]}
         assert set(out[b].unique().tolist()) <= allowed

@@ -13,6 +13,7 @@ from models.losses import pcl_loss, ptc_loss
 from models.pooling import adaptive_k_pool
 from models.toco import ToCo, ToCoConfig
 from models.trt import ReAttention, fg_prior, foreground_map, preliminary_attention, select_tokens
+from shards.records import IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------------------ AFA
@@ -26,7 +27,7 @@ def test_radius_mask_is_chebyshev_distance_on_the_token_grid():
 
 def test_affinity_targets_and_loss_by_hand():
     labels = torch.tensor([[[1, 1, 0, 255]]])  # (1, 1, 4): two of class 1, background, an ignored token
-    targets = affinity_targets(labels, radius=1)[0]
+    targets = affinity_targets(labels, radius=1, ignore_index=IGNORE_INDEX)[0]
     # token 0: itself and token 1 positive, token 2 beyond radius 1, token 3 ignored
     assert targets[0].tolist() == [1.0, 1.0, -1.0, -1.0]
     assert targets[1].tolist() == [1.0, 1.0, 0.0, -1.0]
@@ -146,11 +147,12 @@ def test_adaptive_k_pool_by_hand():
 def test_pcl_uses_the_signed_cosine_unlike_ptc():
     tokens = torch.tensor([[1.0, 1.0, -1.0], [0.0, 0.0, 0.0]]).view(1, 2, 1, 3)  # t1 = t2 = (1, 0), t3 = (-1, 0)
     labels = torch.tensor([[[1, 1, 0]]])
-    assert pcl_loss(tokens, labels).item() == pytest.approx(0.0)  # negatives anti-parallel: done
-    assert ptc_loss(tokens, labels).item() == pytest.approx(0.5)  # |cos| = 1 counts them as similar
+    # negatives anti-parallel: done for PCL; |cos| = 1 counts them as similar for PTC
+    assert pcl_loss(tokens, labels, ignore_index=IGNORE_INDEX).item() == pytest.approx(0.0)
+    assert ptc_loss(tokens, labels, ignore_index=IGNORE_INDEX).item() == pytest.approx(0.5)
     orthogonal = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 2, 1, 3)  # t2 = (0, 1) _|_ t1 = t3
     # positives (t1, t2): 1 - 0; negatives (t1, t3), (t2, t3): cos 1 and 0 -> mean 0.5
-    assert pcl_loss(orthogonal, labels).item() == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
+    assert pcl_loss(orthogonal, labels, ignore_index=IGNORE_INDEX).item() == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ TRT

@@ -1,4 +1,7 @@
-"""The pretrained-CNN stem: weights matched by name or order, renormalisation, a hybrid ViT's token grid."""
+"""The pretrained-CNN stem: weights matched by name or order, renormalisation, a hybrid ViT's token grid.
+
+Stem weights read from a file: tests/training/test_weights.py.
+"""
 
 import pytest
 import timm
@@ -10,24 +13,15 @@ from models.stem import Renormalise, match_state_dict
 STEM = "tf_efficientnet_lite0"
 
 
-@pytest.fixture(scope="module")
-def foreign_weights(tmp_path_factory):
-    """A full CNN's weights saved under other names (as another implementation would export them)."""
+def test_weights_matched_by_order_reach_the_stem():
     torch.manual_seed(1)
     full = timm.create_model(STEM, pretrained=False)
+    # a full CNN's weights under other names (as another implementation would export them)
     state = {f"_{i:03d}.{k.replace('.', '_')}": v.clone() for i, (k, v) in enumerate(full.state_dict().items())}
-    path = tmp_path_factory.mktemp("w") / "stem.pth"
-    torch.save(state, path)
-    return path, full.state_dict()
-
-
-def test_weights_matched_by_order_reach_the_stem(foreign_weights):
-    path, reference = foreign_weights
-    model = create_vit("vit_tiny_patch16_224", img_size=64, depth=2, stem=STEM, stem_weights=str(path))
-    stem = model.patch_embed.backbone.module
-    own = stem.state_dict()
+    model = create_vit("vit_tiny_patch16_224", img_size=64, depth=2, stem=STEM, stem_state=state)
+    own = model.patch_embed.backbone.module.state_dict()
     for key in ("conv_stem.weight", "bn1.running_mean", "blocks.1.0.conv_dw.weight"):
-        torch.testing.assert_close(own[key], reference[key])
+        torch.testing.assert_close(own[key], full.state_dict()[key])
 
 
 def test_mismatched_networks_are_refused():

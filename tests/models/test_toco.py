@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from models.cam import multiscale_cam
 from models.ctc import EmaTeacher, ProjectionHead, ViewAugConfig, augment_view, region_from_labels, sample_local_crops
 from models.toco import ToCo, ToCoConfig, param_groups
+from shards.records import IGNORE_INDEX
 
 K = 3
 
@@ -215,7 +216,7 @@ def test_local_crops_fall_back_when_all_foreground():
 
 def test_region_from_labels():
     labels = torch.tensor([[0, 3, 255, 1]])
-    assert region_from_labels(labels).tolist() == [[0, 2, 1, 2]]
+    assert region_from_labels(labels, ignore_index=IGNORE_INDEX).tolist() == [[0, 2, 1, 2]]
 
 
 def test_augment_view_properties():

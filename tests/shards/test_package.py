@@ -13,16 +13,10 @@ import yaml
 from PIL import Image
 
 from shards.images import decode_mask, decode_mask_png
-from shards.package import (
-    CHECKSUMS_NAME,
-    PackageError,
-    read_checksums,
-    verify_package,
-    voc_annotation_xml,
-    write_checksums,
-)
+from shards.package import CHECKSUMS_NAME, PackageError, read_checksums, verify_package, write_checksums
 from shards.readers import open_source
 from shards.records import voc_palette
+from shards.voc_xml import annotation_xml
 from stages import export
 from tests.export_inputs import CLASS_NAMES, PRODUCER, export_params, write_inputs
 
@@ -117,11 +111,11 @@ def test_voc_annotations_round_trip_to_the_boxes_and_give_the_xml_tags(package):
 
 
 def test_voc_annotation_of_no_boxes_and_of_a_box_on_the_border():
-    empty = ET.fromstring(voc_annotation_xml("a.png", 6, 8, [], CLASS_NAMES))
+    empty = ET.fromstring(annotation_xml("a.png", 6, 8, []))
     assert empty.findall("object") == [] and empty.findtext("filename") == "a.png"
-    whole = {"label": 2, "x0": 0, "y0": 1, "x1": 8, "y1": 5, "pixels": 20}  # spans the width: truncated
-    inner = {"label": 3, "x0": 1, "y0": 1, "x1": 3, "y1": 2, "pixels": 2}
-    root = ET.fromstring(voc_annotation_xml("b.jpg", 6, 8, [whole, inner], CLASS_NAMES))
+    whole = (CLASS_NAMES[2], (0, 1, 8, 5))  # spans the width: truncated
+    inner = (CLASS_NAMES[3], (1, 1, 3, 2))
+    root = ET.fromstring(annotation_xml("b.jpg", 6, 8, [whole, inner]))
     assert [(o.findtext("name"), o.findtext("truncated")) for o in root.findall("object")] == [("box", "1"),
                                                                                                ("bar", "0")]
     assert [root.findtext(f"object/bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")] == ["1", "2", "8", "5"]

@@ -21,6 +21,7 @@ from shards.boxes import mask_boxes  # noqa: E402
 from shards.cams import decode_cams  # noqa: E402
 from shards.io import ShardSet, read_metadata  # noqa: E402
 from shards.pseudo_labels import read_mask  # noqa: E402
+from shards.records import IGNORE_INDEX  # noqa: E402
 from stages import dump_cams, refine  # noqa: E402
 from tests.stages.test_dump_cams import build_inputs, shard_hashes  # noqa: E402
 
@@ -110,7 +111,8 @@ def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_th
     cams_k = torch.zeros(1, 5, 24, 32)
     cams_k[0, [1, 4]] = full[0]
     images = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
-    expected = online_pseudo_labels(cams_k, labels, images, ThresholdConfig(), ParConfig())[0]
+    expected = online_pseudo_labels(cams_k, labels, images, ThresholdConfig(), ParConfig(),
+                                    ignore_index=IGNORE_INDEX)[0]
     np.testing.assert_array_equal(mask, expected.numpy())
     p = RefineParams(methods=("crf",), thresholds=ThresholdConfig(high=0.7, low=0.25))
     (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], p, torch.device("cpu"))

@@ -111,7 +111,7 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(inputs, tm
     model, config = load_segmenter(clean / "model")
     assert config["class_names"][0] == "background" and config["deeplab"]["pretrained"] == "none"
     assert model(torch.randn(1, 3, 40, 56))["out"].shape == (1, len(config["class_names"]), 40, 56)
-    assert (clean / "live/plots/metrics/train/loss.tsv").exists()
+    assert (clean / "live/plots/metrics/train/loss_total.tsv").exists()
 
     # changed params never resume stale state, and the stale fingerprint's folder is pruned
     other = write_params(tmp_path / "other.yaml", {"optim": {"iterations": 4, "lr": 0.02}, "eval_every": 1000})

@@ -11,6 +11,7 @@ from PIL import Image
 
 from config.loader import ParamsError
 from config.schema import ShapesConfig
+from shards.voc_xml import read_annotation
 from stages import shapes as stage
 from synth.shapes import (
     CLASS_NAMES,
@@ -57,9 +58,9 @@ def test_tags_equal_mask_classes_and_labels_are_well_formed():
         assert set(np.unique(mask)) <= set(range(K + 1)) | {IGNORE_INDEX}
         h, w = mask.shape
         heights.add(h), widths.add(w)
-        for name, (x0, y0, x1, y1) in objects:
-            assert 0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h
-            box = mask[y0:y1 + 1, x0:x1 + 1]
+        for name, (x0, y0, x1, y1) in objects:  # 0-based, exclusive ends
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            box = mask[y0:y1, x0:x1]
             assert (box == CLASS_NAMES.index(name) + 1).any()
         # The ignore band separates every pair of different labels: no two 4-neighbours with distinct
         # non-ignore labels (background included) ever touch.
@@ -169,9 +170,10 @@ def _check_voc_folder(root, cfg):
             assert int(xml.findtext("size/height")) == mask.shape[0]
             names = [o.findtext("name") for o in xml.findall("object")]
             assert names == [n for n, _ in objects] and set(names) == _classes(mask)
-            for node, (_, box) in zip(xml.findall("object"), objects):
+            for node, (_, (x0, y0, x1, y1)) in zip(xml.findall("object"), objects):  # VOC: 1-based, inclusive
                 assert [int(node.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")] == \
-                    [v + 1 for v in box]
+                    [x0 + 1, y0 + 1, x1, y1]
+            assert [(o.name, o.box) for o in read_annotation(root / "Annotations" / f"{name}.xml")] == objects
 
 
 def test_write_dataset_writes_voc_layout_and_replaces_atomically(tmp_path):
