@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -35,6 +36,23 @@ from shards.records import IGNORE_INDEX
 SCHEMA_VERSION = 1
 META_KEY = b"wsss"  # our schema-metadata key: JSON with schema_version, class_names, palette, producer...
 INDEX_NAME = "index.json"
+
+
+_PAUSE_AFTER = os.environ.get("WSSS_PAUSE_AFTER", "")  # test hook of pause_point: read once, at import
+_DURABLE_WRITES: dict[str, int] = {}
+
+
+def pause_point(kind: str) -> None:
+    """Test hook, a no-op unless ``WSSS_PAUSE_AFTER=<kind>:<N>`` is set: right after this process has durably
+    written its N-th ``kind`` (``checkpoint``: ``training.checkpoint.save_checkpoint``; ``shard``:
+    ``ShardSet.write``, once the shard is in the index), it sends itself SIGSTOP. A test then SIGKILLs the stopped
+    process at exactly that point, instead of racing a running one (tests/stages/test_train_*.py). Counts are per
+    process (each pool worker counts its own shards)."""
+    if not _PAUSE_AFTER.startswith(f"{kind}:"):
+        return
+    _DURABLE_WRITES[kind] = _DURABLE_WRITES.get(kind, 0) + 1
+    if _DURABLE_WRITES[kind] == int(_PAUSE_AFTER.partition(":")[2]):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -161,6 +179,7 @@ class ShardSet:
         digest = write_table_atomic(table, self.folder / name, row_group_size=row_group_size)
         entry = {"rows": table.num_rows, "sha256": digest, "fingerprint": fingerprint, **extra}
         self._update_index(name, entry)
+        pause_point("shard")
         return entry
 
     def prune(self, keep: Iterable[str]) -> list[str]:

@@ -1,5 +1,7 @@
+import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +83,15 @@ def tool_env() -> dict:
     return env
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a server or a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run(cmd, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -89,9 +100,56 @@ def run(cmd, cwd, check=True, timeout=600) -> subprocess.CompletedProcess:
     return proc
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedProject:
+    root: Path  # read it, never change it: other tests share it (copy_project for a private copy)
+    repro_stdout: str  # the output of the `dvc repro` that built it
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A private copy of a project: code, data, git history, DVC cache (``.dvc/cache``) and local remote. The cache
+    links are copies (DVC's default cache.type on this file system), so the copy shares no file with ``src``;
+    ``symlinks=True`` keeps any link as a link rather than copying its target."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> TrainedProject:
+    """The tiny project after one `dvc repro` of the whole DAG, built once per session and shared.
+
+    Tests that only read it (metrics, `dvc status`, a no-op `dvc repro`) use it directly; tests that change
+    anything (params, `dvc exp run`, relabel) use ``trained_copy`` or ``copy_project``.
+    """
+    root = make_project(tmp_path_factory.mktemp("trained") / "project", tiny_params())
+    return TrainedProject(root, run(["dvc", "repro"], root).stdout)
+
+
 @pytest.fixture
-def project(tmp_path):
-    return make_project(tmp_path / "project", tiny_params())
+def trained_copy(trained_project, tmp_path) -> Path:
+    """A private copy of the session's trained project, to change at will."""
+    return copy_project(trained_project.root, tmp_path / "project")
+
+
+def kill_when_paused(cmd, point: str, *, cwd, log: Path, env: dict | None = None) -> None:
+    """Run ``cmd`` with ``WSSS_PAUSE_AFTER=<point>`` (the test hook ``shards.io.pause_point``): it stops itself
+    right after that durable write (``checkpoint:2``: its 2nd checkpoint; ``shard:1``: its 1st shard), and is
+    SIGKILLed there. Deterministic: the kill lands at that point, not wherever a polling loop catches the run."""
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**(env or tool_env()), "WSSS_PAUSE_AFTER": point},
+                                stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the child is stopped (or has ended)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by waitpid above
+        raise AssertionError(f"{' '.join(map(str, cmd[:4]))} ended ({proc.returncode}) before {point}:\n"
+                             f"{Path(log).read_text()[-3000:]}")
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
 
 
 @pytest.fixture(scope="session")

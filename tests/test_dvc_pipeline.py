@@ -1,4 +1,8 @@
-"""The DAG under the real `dvc repro`, on the tiny preset, in a temporary git repository."""
+"""The DAG under the real `dvc repro`, on the tiny preset, in a temporary git repository.
+
+One `dvc repro` of the whole DAG per session (the ``trained_project`` fixture of conftest.py): the tests that read
+use it as it is; the tests that change params or run experiments work on a private copy (``trained_copy``).
+"""
 
 import json
 
@@ -9,11 +13,17 @@ from conftest import run
 
 pytestmark = pytest.mark.slow
 
+UPSTREAM_OF_REFINE = {"shapes", "prepare", "train_classifier", "dump_cams"}
 
-def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
-    out = run(["dvc", "repro"], project)
-    for stage in ("shapes", "prepare", "train_classifier"):
-        assert f"Running stage '{stage}'" in out.stdout, out.stdout[-2000:]
+
+def stages_run(stdout: str) -> set[str]:
+    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
+
+
+def test_dvc_repro_runs_every_stage_then_is_a_no_op(trained_project):
+    project, out = trained_project.root, trained_project.repro_stdout
+    for stage in ("shapes", "prepare", "train_classifier", "dump_cams", "refine", "train_segmenter", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out[-2000:]
     prepared = json.loads((project / "metrics/prepare.json").read_text())
     assert prepared["images"] == {"train": 24, "val": 8} and prepared["rejects"] == 0
     assert pq.read_table(project / "data/manifest/train-00000.parquet").num_rows == 16
@@ -29,17 +39,8 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(project):
     assert json.loads(status) == {}
 
 
-def test_changing_a_prepare_param_reruns_prepare_and_what_follows_only(project):
-    run(["dvc", "repro"], project)
-    out = run(["dvc", "exp", "run", "-S", "prepare.rows_per_shard=8"], project)
-    assert "Running stage 'shapes'" not in out.stdout
-    assert "Running stage 'prepare'" in out.stdout
-
-
-def test_dvc_repro_through_evaluate_then_a_refine_change_reruns_only_what_follows(project):
-    out = run(["dvc", "repro"], project)
-    for stage in ("refine", "train_segmenter", "evaluate"):
-        assert f"Running stage '{stage}'" in out.stdout, out.stdout[-2000:]
+def test_dvc_repro_through_evaluate_writes_the_segmenter_metrics_and_plots(trained_project):
+    project = trained_project.root
     segmenter = json.loads((project / "metrics/segmenter.json").read_text())
     assert {"miou", "miou_ms_flip_crf", "miou_ms_flip", "per_class"} <= set(segmenter)
     assert segmenter["images"] == 8 and 0.0 <= segmenter["miou_ms_flip_crf"] <= 100.0
@@ -49,24 +50,40 @@ def test_dvc_repro_through_evaluate_then_a_refine_change_reruns_only_what_follow
     assert (project / "metrics/segmenter_confusion.csv").read_text().startswith("actual,predicted\n")
     assert "miou_ms_flip_crf" in run(["dvc", "metrics", "show", "--json"], project).stdout
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project).stdout)["data"]
-    assert "metrics/segmenter_confusion.csv" in plots and "dvclive/train_segmenter/plots/metrics/train/loss_total.tsv" in plots
+    assert "metrics/segmenter_confusion.csv" in plots
+    assert "dvclive/train_segmenter/plots/metrics/train/loss_total.tsv" in plots
 
+
+def test_changing_a_prepare_param_reruns_prepare_and_what_follows_only(trained_copy):
+    project = trained_copy
+    # `dvc exp run <target>` runs prepare (and shapes, were it changed); `dvc status` then names what follows
+    out = run(["dvc", "exp", "run", "-S", "prepare.rows_per_shard=8", "prepare"], project)
+    assert "Running stage 'shapes'" not in out.stdout
+    assert "Running stage 'prepare'" in out.stdout
+    assert pq.read_table(project / "data/manifest/train-00000.parquet").num_rows == 8
+    changed = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert {"train_classifier", "dump_cams"} <= set(changed), changed
+    assert not {"shapes", "prepare"} & set(changed), changed
+
+
+def test_a_refine_change_reruns_only_what_follows_then_the_seed_options_in_one_exp_run(trained_copy):
+    project = trained_copy
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["refine"]["ignore_band"] = False  # other masks for certain: no 255 band
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = json.loads(run(["dvc", "status", "--json"], project).stdout)
-    assert "refine" in changed and not {"shapes", "prepare", "train_classifier", "dump_cams"} & set(changed)
+    assert "refine" in changed and not UPSTREAM_OF_REFINE & set(changed)
     again = run(["dvc", "repro"], project).stdout
-    ran = {line.split("'")[1] for line in again.splitlines() if line.startswith("Running stage")}
+    ran = stages_run(again)
     assert {"refine", "train_segmenter", "evaluate"} <= ran, again[-2000:]
-    assert not {"shapes", "prepare", "train_classifier", "dump_cams"} & ran, again[-2000:]
+    assert not UPSTREAM_OF_REFINE & ran, again[-2000:]
 
     # The seed-method options (AFA, APC, TRT) with one `dvc exp run -S ...`: classifier, CAMs and refine rerun, and
     # the CAM shards carry the fg map and the affinity that refine's fg_prior and random_walk read.
     exp = run(["dvc", "exp", "run", "-S", "train_classifier.model.use_afa=true", "-S", "train_classifier.model.use_trt=true",
                "-S", "train_classifier.model.pooling=akp", "-S", "train_classifier.loss.use_pcl=true",
                "-S", "refine.methods=[fg_prior,random_walk,par,crf]"], project).stdout
-    ran = {line.split("'")[1] for line in exp.splitlines() if line.startswith("Running stage")}
+    ran = stages_run(exp)
     assert {"train_classifier", "dump_cams", "refine", "evaluate"} <= ran, exp[-2000:]
     row = pq.read_table(project / "data/cams/train-00000.parquet").slice(0, 1).to_pylist()[0]
     assert row["fg"] is not None and row["affinity"] is not None

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from shards.io import atomic_path
+from shards.io import atomic_path, pause_point
 
 log = logging.getLogger("checkpoint")
 
@@ -31,6 +31,7 @@ def checkpoint_path(folder: str | Path, fingerprint: str) -> Path:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+    pause_point("checkpoint")  # test hook (WSSS_PAUSE_AFTER=checkpoint:N): a no-op unless set
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -1,17 +1,15 @@
-"""Helpers of the pipeline tests: a tiny project with a classifier and an inbox, and reads through the Prefect API."""
+"""Helpers of the pipeline tests: a trained tiny project with an inbox, and reads through the Prefect API."""
 
 from pathlib import Path
 
-from conftest import make_project, tiny_params
+from conftest import copy_project
+from tests.collection_inputs import make_collection
 
-from tests.collection_inputs import TINY_RELABEL, make_classifier, make_collection
 
-
-def relabel_project(dest: Path, collections: dict[str, int]) -> Path:
-    """A project copy (git + DVC, tiny params) with a tiny classifier in data/classifier and inbox folders of
-    ``collections`` {name: number of images}, each with one broken file."""
-    project = make_project(dest, tiny_params(TINY_RELABEL))
-    make_classifier(project / "data" / "classifier")
+def relabel_project(trained: Path, dest: Path, collections: dict[str, int]) -> Path:
+    """A private copy of the session's trained project ``trained`` (git + DVC, tiny params, its classifier in
+    data/classifier) with inbox folders of ``collections`` {name: number of images}, each with one broken file."""
+    project = copy_project(trained, dest)
     for seed, (name, count) in enumerate(collections.items()):
         make_collection(project / "data" / "inbox" / name, count, seed=seed)
     return project
@@ -42,14 +40,6 @@ def subflow_runs(parent_ids) -> list:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=list(parent_ids))))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, poll_s: float = 1.0, proc=None, log=None):

@@ -1,7 +1,6 @@
 """Registering collections (a local folder, an fsspec URL), their names, the DAG order, the locks: no Prefect needed."""
 
-import threading
-import time
+import os
 
 import fsspec
 import pytest
@@ -54,26 +53,36 @@ def test_register_makes_a_dvc_input_and_a_relabel_stage(tmp_path):
         register(project, str(source), "dropped", "data/inbox", log=lambda _: None)
 
 
-def test_file_lock_times_out_while_held(tmp_path):
+class FakeClock:
+    """pipeline.collections' ``time``: ``sleep`` advances ``monotonic`` at once, and is recorded."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_file_lock_polls_until_its_timeout_while_held(tmp_path, monkeypatch):
+    import pipeline.collections
+
+    clock = FakeClock()
+    monkeypatch.setattr(pipeline.collections, "time", clock)
     path = tmp_path / "x.lock"
-    held, release = threading.Event(), threading.Event()
-
-    def holder():
-        with file_lock(path) as acquired:
-            assert acquired
-            held.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    held.wait(10)
-    started = time.monotonic()
-    with file_lock(path, timeout=0.3, poll_s=0.05) as acquired:
-        assert not acquired and time.monotonic() - started >= 0.3
-    release.set()
-    thread.join()
-    with file_lock(path, timeout=0) as acquired:
+    with file_lock(path) as held:  # a second open() of the file: flock conflicts even within one process
+        assert held and clock.sleeps == []
+        with file_lock(path, timeout=0.3, poll_s=0.05) as acquired:
+            assert not acquired
+        assert set(clock.sleeps) == {0.05} and 0.3 <= clock.now <= 0.3 + 0.05 + 1e-9  # polled up to the deadline
+        with file_lock(path, timeout=0) as acquired:
+            assert not acquired
+    with file_lock(path, timeout=0) as acquired:  # released: taken at once
         assert acquired
+    assert path.read_text() == f"{os.getpid()}\n"
 
 
 def test_progress_lines_are_recognised():

@@ -1,14 +1,18 @@
-"""The Prefect flows on a tiny project (real dvc in a temporary git repository), against the session's test harness.
+"""The Prefect flows on copies of the session's trained tiny project (real dvc in a temporary git repository), against
+the session's test harness.
 
-relabel_inbox registers a dropped folder, relabels it (predicted tags, a broken image in the rejects artifact),
-pushes, leaves `dvc status` clean, and finds nothing to do the second time; a busy collection is skipped with a
-message; produce runs stages one task each and publishes its artifacts.
+relabel_inbox registers a dropped folder, relabels it with the trained classifier (predicted tags, a broken image in
+the rejects artifact), pushes, leaves `dvc status` clean, and finds nothing to do the second time; a busy collection
+is skipped with a message; produce runs stages one task each (an up-to-date one is not rerun) and publishes its
+artifacts.
 """
 
 import json
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
+
 from conftest import run
 
 from pipeline import dvc
@@ -16,12 +20,13 @@ from pipeline.collections import collection_lock
 from shards.collections import read_collections, read_current
 from tests.pipeline.helpers import artifacts_of, relabel_project
 
+pytestmark = pytest.mark.slow  # a Prefect test server and `dvc repro` subprocesses
 pytest.importorskip("pydensecrf.densecrf")
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return relabel_project(tmp_path_factory.mktemp("flows") / "project", {"holiday": 5})
+def project(trained_project, tmp_path_factory):
+    return relabel_project(trained_project.root, tmp_path_factory.mktemp("flows") / "project", {"holiday": 5})
 
 
 def by_key(artifacts) -> dict:
@@ -45,8 +50,8 @@ def test_relabel_inbox_relabels_a_new_folder_once(prefect_harness, project):
     version = project / "data/collections/holiday" / current["version"]
     rows = [r for p in sorted((version / "pseudo_labels").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert len(rows) == 5 and all(r["tag_source"] == "predicted" and r["labels"] for r in rows)
-    status = run(["dvc", "status", "--json", "relabel@holiday", "data/inbox/holiday.dvc"], project).stdout
-    assert json.loads(status or "{}") == {}  # (the training stages never ran in this project: not checked)
+    status = run(["dvc", "status", "--json"], project).stdout  # relabel@holiday, its input and the training DAG
+    assert json.loads(status or "{}") == {}
     assert (project / ".dvc-remote").is_dir()  # pushed to the project's local remote
 
     children = [r for r in _runs("relabel") if r.parent_task_run_id is not None]
@@ -89,20 +94,23 @@ def test_a_second_run_on_a_busy_collection_skips_and_says_so(prefect_harness, pr
     assert unpushed["status"] == "up to date" and unpushed["pushed"] is False
 
 
-def test_produce_runs_stages_in_dag_order_and_publishes(prefect_harness, tmp_path):
-    from conftest import make_project, tiny_params
-
+def test_produce_runs_stages_in_dag_order_and_publishes(prefect_harness, trained_copy):
     from pipeline.flows import produce
 
-    project = make_project(tmp_path / "project", tiny_params())
+    project = trained_copy
     order = dvc.stage_order(project)
     assert order[:3] == ["shapes", "prepare", "train_classifier"] and "refine" in order and "export" in order
     assert order.index("dump_cams") < order.index("refine") < order.index("export")
     assert not any("@" in stage for stage in order)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prepare"]["rows_per_shard"] = 8  # prepare reruns; shapes is up to date
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     state = produce(str(project), ["shapes", "prepare"], return_state=True)
     assert state.is_completed(), state.message
-    assert [r["ran"] for r in state.result()["stages"]] == [True, True]
+    assert [r["ran"] for r in state.result()["stages"]] == [False, True]
+    assert pq.read_table(project / "data/manifest/train-00000.parquet").num_rows == 8
     artifacts = by_key(artifacts_of([state.state_details.flow_run_id]))
     assert {"produce-summary", "produce-rejects", "produce-progress"} <= set(artifacts)
     assert "| prepare | yes |" in artifacts["produce-summary"][0].data
+    assert "| shapes | up to date |" in artifacts["produce-summary"][0].data
     assert artifacts["produce-progress"][0].data == 100.0

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tool_env
 
-from tests.pipeline.helpers import artifacts_of, free_port, relabel_project, server_healthy, subflow_runs, wait_for
+from conftest import free_port, tool_env
+from tests.pipeline.helpers import artifacts_of, relabel_project, server_healthy, subflow_runs, wait_for
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("pydensecrf.densecrf")
@@ -32,8 +32,8 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def test_served_deployment_runs_on_trigger_and_publishes_artifacts(tmp_path, monkeypatch):
-    project = relabel_project(tmp_path / "project", {"street": 3})
+def test_served_deployment_runs_on_trigger_and_publishes_artifacts(trained_project, tmp_path, monkeypatch):
+    project = relabel_project(trained_project.root, tmp_path / "project", {"street": 3})
     api = f"http://127.0.0.1:{free_port()}/api"
     env = {**tool_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1"}

@@ -77,3 +77,27 @@ def test_concurrent_writers_do_not_lose_index_entries(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script, str(w)]) for w in range(3)]
     assert all(p.wait(timeout=60) == 0 for p in procs)
     assert len(ShardSet(tmp_path).index()) == 24
+
+
+PAUSE_SCRIPT = """
+import sys
+import pyarrow as pa
+from shards.io import ShardSet
+shards = ShardSet(sys.argv[1])
+for i in range(3):
+    shards.write(f"s-{i:05d}.parquet", pa.table({"id": [i]}), fingerprint="f")
+assert "torch" not in sys.modules  # shards never import torch
+"""
+
+
+def test_pause_point_stops_the_writer_after_its_nth_shard_and_is_a_no_op_unset(tmp_path):
+    from conftest import ROOT, kill_when_paused, tool_env
+
+    cmd = [sys.executable, "-c", PAUSE_SCRIPT, str(tmp_path / "paused")]
+    kill_when_paused(cmd, "shard:2", cwd=ROOT, log=tmp_path / "paused.log")
+    assert sorted(ShardSet(tmp_path / "paused").index()) == ["s-00000.parquet", "s-00001.parquet"]
+    assert len(list((tmp_path / "paused").glob("*.parquet"))) == 2  # stopped after the 2nd, before the 3rd
+    env = {**tool_env(), "WSSS_PAUSE_AFTER": "checkpoint:1"}  # another kind: shards do not stop
+    proc = subprocess.run([*cmd[:3], str(tmp_path / "other")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert len(ShardSet(tmp_path / "other").index()) == 3

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from config.schema import DumpCamsParams, Params, PrepareConfig, RuntimeConfig, ShapesConfig
 from models.toco import ToCo
+from conftest import ROOT, kill_when_paused, tiny_params, tool_env
 from shards.cams import decode_cams
 from shards.io import ShardSet, read_metadata
 from shards.manifest import manifest_files, read_classes
@@ -152,6 +156,26 @@ def test_resume_recomputes_only_missing_shards_and_matches(dumped, tmp_path, mon
     assert shard_hashes(killed) == reference
     for path in (root / "cams").glob("*.parquet"):
         assert (killed / path.name).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_first_shard_then_rerun_computes_the_rest_only(dumped, tmp_path):
+    root, manifest, classifier, _ = dumped
+    raw = tiny_params()
+    raw["runtime"]["num_threads"] = 1
+    raw["dump_cams"].update({k: list(v) if isinstance(v, tuple) else v for k, v in BASE.items()})  # make_params()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "stages.dump_cams", "--params", str(tmp_path / "params.yaml"), "--manifest",
+           str(manifest), "--classifier", str(classifier), "--out", str(killed), "--metrics", str(tmp_path / "m.json")]
+    kill_when_paused(cmd, "shard:1", cwd=ROOT, log=tmp_path / "killed.log")
+    assert len(ShardSet(killed).index()) == len(list(killed.glob("*.parquet"))) == 1  # written and recorded
+    assert not (tmp_path / "m.json").exists()
+    resumed = subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "in 2 shards computed (1 shards reused)" in resumed.stderr, resumed.stderr[-3000:]
+    assert shard_hashes(killed) == shard_hashes(root / "cams")  # identical to the uninterrupted run
+    assert not list(killed.glob(".*.tmp"))
 
 
 def test_changed_param_invalidates_all_and_prune_drops_splits(dumped, tmp_path):

@@ -1,11 +1,8 @@
 """train_segmenter: paired augmentation, the masked loss, resume after SIGKILL equals an uninterrupted run, DDP."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +13,11 @@ from conftest import ROOT, tiny_params, tool_env
 from safetensors.torch import load_file
 
 from config.schema import AugmentConfig
-from stages.train_segmenter import masked_cross_entropy
-from tests.segmenter_inputs import write_manifest, write_pseudo_labels
+from conftest import free_port, kill_when_paused
 from training.segmenter_model import load_segmenter
 from training.transforms import augment_pair
+from stages.train_segmenter import masked_cross_entropy
+from tests.segmenter_inputs import write_manifest, write_pseudo_labels
 
 
 @pytest.fixture(scope="module")
@@ -74,35 +72,20 @@ def test_masked_loss_ignores_255_and_survives_an_all_ignored_batch():
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(inputs, tmp_path):
-    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 40}, "checkpoint_every": 4,
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 12}, "checkpoint_every": 4,
                                                       "eval_every": 1000, "model": {"aux": True},
                                                       "augment": {"jitter": 0.2}})
     clean = tmp_path / "clean"
     subprocess.run(stage_cmd(params, inputs, clean), cwd=ROOT, env=tool_env(), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(stage_cmd(params, inputs, killed), cwd=ROOT, env=tool_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    step = 0
-    while time.time() < deadline and proc.poll() is None:
-        ckpts = list((killed / "ckpt").glob("*/last.pt"))
-        if ckpts:
-            try:
-                step = torch.load(ckpts[0], weights_only=True)["step"]
-            except Exception:  # noqa: BLE001 - the file is replaced atomically; retry
-                step = 0
-            if step >= 8:
-                break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_paused(stage_cmd(params, inputs, killed), "checkpoint:2", cwd=ROOT, log=tmp_path / "killed.log")
+    assert torch.load(next((killed / "ckpt").glob("*/last.pt")), weights_only=True)["step"] == 8  # 2nd of every 4
     assert not (killed / "model").exists()
     resumed = subprocess.run(stage_cmd(params, inputs, killed), cwd=ROOT, env=tool_env(), capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "at step 8" in resumed.stderr
     a = load_file(clean / "model/model.safetensors")
     b = load_file(killed / "model/model.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("aux_head") for k in a)
@@ -125,7 +108,7 @@ def test_two_process_ddp_with_gloo_and_val_curve(inputs, tmp_path):
     params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 4, "batch_size": 2, "optimizer": "adamw",
                                                                 "lr": 1e-3}})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(29600 + os.getpid() % 1000), "-m", *stage_cmd(params, inputs, tmp_path)[2:]]
+           "--master_port", str(free_port()), "-m", *stage_cmd(params, inputs, tmp_path)[2:]]
     proc = subprocess.run(cmd, cwd=ROOT, env={**tool_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
