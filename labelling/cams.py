@@ -6,7 +6,6 @@ What it consumes and produces, and how it resumes: the docstring of ``stages/dum
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -27,9 +26,9 @@ from models.backbone import patch_stride
 from models.cam import multiscale_cam, valid_at_tokens
 from parallel import shard_map
 from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_affinity, encode_cams
-from shards.fingerprint import code_version, fingerprint, hash_params
+from shards.fingerprint import classifier_fingerprint, code_version, fingerprint, hash_params, sha256_file
 from shards.images import decode_mask_png, decode_rgb, resize_long
-from shards.io import ShardSet, atomic_write_json, sha256_file
+from shards.io import ShardSet, atomic_write_json
 from shards.manifest import manifest_files, read_classes
 from training import runtime as rt
 from training.cam_eval import SWEEP
@@ -38,13 +37,6 @@ from training.data import to_tensor
 
 log = logging.getLogger("dump_cams")
 REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
-
-
-def model_fingerprint(folder: str | Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("model.safetensors", "config.json"):
-        digest.update(sha256_file(Path(folder) / name).encode())
-    return digest.hexdigest()[:32]
 
 
 def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
@@ -279,7 +271,7 @@ def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, m
     if list(model_classes) != list(classes["class_names"]):
         raise ValueError(f"{classifier_dir}: classifier classes {model_classes} differ from the manifest's")
     shard_params = {k: v for k, v in to_dict(p).items() if k not in REPORT_ONLY}
-    code, model_fp = code_version("labelling.cams"), model_fingerprint(classifier_dir)
+    code, model_fp = code_version("labelling.cams"), classifier_fingerprint(classifier_dir)
     producer = {"stage": "dump_cams", "code_version": code, "params_fingerprint": hash_params(shard_params)[:32],
                 "model_fingerprint": model_fp}
     schema = cam_schema(classes["class_names"], classes["palette"], producer, scales=p.scales)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import tempfile
@@ -30,19 +29,12 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards.fingerprint import sha256_file
 from shards.records import IGNORE_INDEX
 
 SCHEMA_VERSION = 1
 META_KEY = b"wsss"  # our schema-metadata key: JSON with schema_version, class_names, palette, producer...
 INDEX_NAME = "index.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -38,8 +38,8 @@ from config.schema import Params, load_params_or_exit
 from labelling import cams as cam_dump
 from labelling import pseudo_labels
 from labelling.ingest import build_manifest
-from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, classifier_fingerprint, version_name
-from shards.fingerprint import hash_params
+from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, version_name
+from shards.fingerprint import classifier_fingerprint, hash_params
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.records import DataError
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shards.cams import decode_cams
+from shards.fingerprint import classifier_fingerprint
 from shards.io import ShardSet, read_metadata
 from shards.manifest import manifest_files, read_classes
 from config.schema import ShapesConfig
@@ -79,6 +80,7 @@ def test_one_fp16_shard_per_manifest_shard_with_present_classes(dumped):
     meta = read_metadata(root / "cams" / names[0])
     assert meta["kind"] == "cams" and meta["class_names"][0] == "background"
     assert set(meta["producer"]) == {"stage", "code_version", "params_fingerprint", "model_fingerprint"}
+    assert meta["producer"]["model_fingerprint"] == classifier_fingerprint(root / "classifier")  # relabel's too
     for name in names:
         truth = pq.read_table(manifest / name).to_pylist()
         cams = pq.read_table(root / "cams" / name).to_pylist()
