@@ -27,7 +27,7 @@ from models.cam import multiscale_cam, valid_at_tokens
 from parallel import shard_map
 from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_affinity, encode_cams
 from shards.fingerprint import classifier_fingerprint, code_version, fingerprint, hash_params, sha256_file
-from shards.images import decode_mask_png, decode_rgb, resize_long
+from shards.images import decode_mask_png, decode_rgb, long_side_size, resize_long
 from shards.io import ShardSet, atomic_write_json
 from shards.manifest import manifest_files, read_classes
 from training import runtime as rt
@@ -39,16 +39,8 @@ log = logging.getLogger("dump_cams")
 REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
 
 
-def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h, w) after ``training.data.resize_long`` (same rounding)."""
-    if long_side <= 0 or max(height, width) == long_side:
-        return height, width
-    scale = long_side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def padded_size(height: int, width: int, p: DumpCamsParams) -> tuple[int, int]:
-    h, w = resized_size(height, width, p.image_size)
+    h, w = long_side_size(height, width, p.image_size)
     return math.ceil(h / p.pad_multiple) * p.pad_multiple, math.ceil(w / p.pad_multiple) * p.pad_multiple
 
 
@@ -168,7 +160,7 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     long_side = p.cam_size or p.image_size
     grid = model.token_grid(hp, wp)  # the padded batch's tokens: the affinity is (grid product)²
     for b, (row, (classes, source)) in enumerate(zip(rows, chosen)):
-        ch, cw = resized_size(row["height"], row["width"], long_side)
+        ch, cw = long_side_size(row["height"], row["width"], long_side)
         h, w = sizes[b]
         stored = {}
         for name, cam in zip(heads, maps):

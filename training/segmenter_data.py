@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from shards.images import decode_mask_png, decode_rgb
+from shards.images import decode_mask_png, decode_rgb, long_side_size
 from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex, RowReader
 from training.data import to_tensor
@@ -57,8 +57,7 @@ def augment_pair(rgb: np.ndarray, mask: np.ndarray, cfg: PairAugmentConfig,
         raise ValueError(f"image {rgb.shape[:2]} and mask {mask.shape} differ in size")
     h, w = mask.shape
     if cfg.base_size > 0:
-        scale = cfg.base_size / max(h, w)
-        rgb, mask = resize_pair(rgb, mask, (max(1, round(w * scale)), max(1, round(h * scale))))
+        rgb, mask = resize_pair(rgb, mask, long_side_size(h, w, cfg.base_size)[::-1])
         h, w = mask.shape
     scale = rng.uniform(*cfg.scale_range)
     rgb, mask = resize_pair(rgb, mask, (max(1, round(w * scale)), max(1, round(h * scale))))
