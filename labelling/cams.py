@@ -25,13 +25,13 @@ from config.schema import DumpCamsParams
 from models.backbone import patch_stride
 from models.cam import multiscale_cam, valid_at_tokens
 from parallel import shard_map
-from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_affinity, encode_cams
+from shards.cams import cam_schema, decode_cams, encode_affinity, encode_cams
 from shards.fingerprint import classifier_fingerprint, code_version, fingerprint, hash_params, sha256_file
 from shards.images import decode_mask_png, decode_rgb, long_side_size, resize_long
 from shards.io import ShardSet, atomic_write_json
 from shards.manifest import manifest_files, read_classes
+from shards.metrics import SWEEP, ThresholdSweep
 from training import runtime as rt
-from training.cam_eval import SWEEP
 from training.classifier_model import load_classifier
 from training.data import to_tensor
 
@@ -225,7 +225,8 @@ def cam_metrics(cams_dir: Path, manifest_dir: Path, split: str, class_names: lis
             else:
                 cam = F.interpolate(cam, size=gt.shape, mode="bilinear", align_corners=False)[0]  # (P, H, W)
                 top, arg = cam.max(dim=0)
-                value, label = top.numpy(), np.asarray(row["classes"], np.int64)[arg.numpy()]
+                # float64: t is compared unrounded here (the sweep compares in the precision of the values)
+                value, label = top.double().numpy(), np.asarray(row["classes"], np.int64)[arg.numpy()]
             sweep.update(gt, value, label)
     metrics, curve = sweep.report(class_names, bkg_threshold, SWEEP)
     return {**metrics, "split": split}, curve
