@@ -77,25 +77,35 @@ def augment(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tu
     if rng.random() < 0.5:
         rgb = rgb[:, ::-1]
     if cfg.jitter > 0:
-        x = rgb.astype(np.float32)
-        x *= rng.uniform(1 - cfg.jitter, 1 + cfg.jitter)  # brightness
-        mean = x.mean()
-        x = (x - mean) * rng.uniform(1 - cfg.jitter, 1 + cfg.jitter) + mean  # contrast
-        grey = x.mean(axis=2, keepdims=True)
-        x = (x - grey) * rng.uniform(1 - cfg.jitter, 1 + cfg.jitter) + grey  # saturation
-        rgb = np.clip(x, 0, 255).astype(np.uint8)
-    s = cfg.crop_size
-    h, w = rgb.shape[:2]
-    # Pad to at least S x S at a random offset, then crop S x S at a random offset (the reference's random crop).
-    canvas = np.zeros((max(h, s), max(w, s), 3), dtype=np.uint8)
-    valid = np.zeros(canvas.shape[:2], dtype=bool)
+        rgb = jitter_colours(rgb, cfg.jitter, rng)
+    return pad_crop(rgb, np.ones(rgb.shape[:2], dtype=bool), cfg.crop_size, False, rng)
+
+
+def jitter_colours(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation, each scaled by U(1 - strength, 1 + strength), in that order."""
+    x = rgb.astype(np.float32)
+    x *= rng.uniform(1 - strength, 1 + strength)  # brightness
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean  # contrast
+    grey = x.mean(axis=2, keepdims=True)
+    x = (x - grey) * rng.uniform(1 - strength, 1 + strength) + grey  # saturation
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def pad_crop(rgb: np.ndarray, labels: np.ndarray, size: int, fill, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) image and (H, W) ``labels`` padded (image 0, labels ``fill``) to at least size x size at a random
+    offset, then cropped size x size at a random offset, both the same way (the reference's random crop)."""
+    h, w = labels.shape
+    canvas = np.zeros((max(h, size), max(w, size), 3), dtype=np.uint8)
+    padded = np.full(canvas.shape[:2], fill, dtype=labels.dtype)
     oy = int(rng.integers(0, canvas.shape[0] - h + 1))
     ox = int(rng.integers(0, canvas.shape[1] - w + 1))
     canvas[oy:oy + h, ox:ox + w] = rgb
-    valid[oy:oy + h, ox:ox + w] = True
-    cy = int(rng.integers(0, canvas.shape[0] - s + 1))
-    cx = int(rng.integers(0, canvas.shape[1] - s + 1))
-    return canvas[cy:cy + s, cx:cx + s], valid[cy:cy + s, cx:cx + s]
+    padded[oy:oy + h, ox:ox + w] = labels
+    cy = int(rng.integers(0, canvas.shape[0] - size + 1))
+    cx = int(rng.integers(0, canvas.shape[1] - size + 1))
+    return canvas[cy:cy + size, cx:cx + size], padded[cy:cy + size, cx:cx + size]
 
 
 class TrainCrops(Dataset):

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from shards.images import decode_mask_png, decode_rgb, long_side_size
 from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex, RowReader
-from training.data import to_tensor
+from training.data import jitter_colours, pad_crop, to_tensor
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,6 @@ def resize_pair(rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> tup
             np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)))
 
 
-def jitter_colours(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    x = rgb.astype(np.float32)
-    x *= rng.uniform(1 - strength, 1 + strength)  # brightness
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean  # contrast
-    grey = x.mean(axis=2, keepdims=True)
-    x = (x - grey) * rng.uniform(1 - strength, 1 + strength) + grey  # saturation
-    return np.clip(x, 0, 255).astype(np.uint8)
-
-
 def augment_pair(rgb: np.ndarray, mask: np.ndarray, cfg: PairAugmentConfig,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 image + (H, W) uint8 mask -> (S, S, 3) crop + (S, S) mask (255 where padded)."""
@@ -65,18 +55,7 @@ def augment_pair(rgb: np.ndarray, mask: np.ndarray, cfg: PairAugmentConfig,
         rgb, mask = rgb[:, ::-1], mask[:, ::-1]
     if cfg.jitter > 0:
         rgb = jitter_colours(rgb, cfg.jitter, rng)
-    s = cfg.crop_size
-    h, w = mask.shape
-    # Pad to at least S x S at a random offset, then crop S x S at a random offset.
-    canvas = np.zeros((max(h, s), max(w, s), 3), dtype=np.uint8)
-    labels = np.full(canvas.shape[:2], IGNORE_INDEX, dtype=np.uint8)
-    oy = int(rng.integers(0, canvas.shape[0] - h + 1))
-    ox = int(rng.integers(0, canvas.shape[1] - w + 1))
-    canvas[oy:oy + h, ox:ox + w] = rgb
-    labels[oy:oy + h, ox:ox + w] = mask
-    cy = int(rng.integers(0, canvas.shape[0] - s + 1))
-    cx = int(rng.integers(0, canvas.shape[1] - s + 1))
-    return canvas[cy:cy + s, cx:cx + s], labels[cy:cy + s, cx:cx + s]
+    return pad_crop(rgb, mask.astype(np.uint8, copy=False), cfg.crop_size, IGNORE_INDEX, rng)
 
 
 class PseudoLabelCrops(Dataset):
