@@ -17,7 +17,6 @@ sums, so the result does not depend on the pool size (at equal torch threads per
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from config.cli import stage_arguments
 from config.schema import EvaluateParams, load_params_or_exit
 from parallel import shard_map
 from refinement.crf import CrfConfig, crf_refine_probs
@@ -182,15 +182,9 @@ def write_overlays(panels: list[dict[str, Any]], out_dir: Path, palette, crf: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--segmenter", default="data/segmenter")
-    parser.add_argument("--manifest", default="data/manifest")
-    parser.add_argument("--metrics", default="metrics/segmenter.json")
-    parser.add_argument("--confusion", default="metrics/segmenter_confusion.csv")
-    parser.add_argument("--overlays", default="metrics/segmenter_overlays")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, segmenter="data/segmenter", manifest="data/manifest",
+                           metrics="metrics/segmenter.json", confusion="metrics/segmenter_confusion.csv",
+                           overlays="metrics/segmenter_overlays")
     params = load_params_or_exit(args.params)
     started = time.perf_counter()
     result = run(params, Path(args.segmenter), Path(args.manifest), Path(args.metrics), Path(args.confusion),
