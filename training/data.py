@@ -16,11 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from models.stem import IMAGENET_MEAN, IMAGENET_STD
 from shards.images import decode_mask_png, decode_rgb, resize_long
 from shards.sampling import RowIndex, RowReader
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
