@@ -6,7 +6,6 @@ What it consumes and produces, and how it resumes: the docstring of ``stages/dum
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -26,13 +25,13 @@ from config.schema import DumpCamsParams
 from models.backbone import patch_stride
 from models.cam import multiscale_cam, valid_at_tokens
 from parallel import shard_map
-from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_affinity, encode_cams
-from shards.fingerprint import code_version, fingerprint, hash_params
-from shards.images import decode_mask_png, decode_rgb, resize_long
-from shards.io import ShardSet, atomic_write_json, sha256_file
+from shards.cams import cam_schema, decode_cams, encode_affinity, encode_cams
+from shards.fingerprint import classifier_fingerprint, code_version, fingerprint, hash_params, sha256_file
+from shards.images import decode_mask_png, decode_rgb, long_side_size, resize_long
+from shards.io import ShardSet, atomic_write_json
 from shards.manifest import manifest_files, read_classes
+from shards.metrics import SWEEP, ThresholdSweep
 from training import runtime as rt
-from training.cam_eval import SWEEP
 from training.classifier_model import load_classifier
 from training.data import to_tensor
 
@@ -40,23 +39,8 @@ log = logging.getLogger("dump_cams")
 REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
 
 
-def model_fingerprint(folder: str | Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("model.safetensors", "config.json"):
-        digest.update(sha256_file(Path(folder) / name).encode())
-    return digest.hexdigest()[:32]
-
-
-def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h, w) after ``training.data.resize_long`` (same rounding)."""
-    if long_side <= 0 or max(height, width) == long_side:
-        return height, width
-    scale = long_side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def padded_size(height: int, width: int, p: DumpCamsParams) -> tuple[int, int]:
-    h, w = resized_size(height, width, p.image_size)
+    h, w = long_side_size(height, width, p.image_size)
     return math.ceil(h / p.pad_multiple) * p.pad_multiple, math.ceil(w / p.pad_multiple) * p.pad_multiple
 
 
@@ -176,7 +160,7 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     long_side = p.cam_size or p.image_size
     grid = model.token_grid(hp, wp)  # the padded batch's tokens: the affinity is (grid product)²
     for b, (row, (classes, source)) in enumerate(zip(rows, chosen)):
-        ch, cw = resized_size(row["height"], row["width"], long_side)
+        ch, cw = long_side_size(row["height"], row["width"], long_side)
         h, w = sizes[b]
         stored = {}
         for name, cam in zip(heads, maps):
@@ -241,7 +225,8 @@ def cam_metrics(cams_dir: Path, manifest_dir: Path, split: str, class_names: lis
             else:
                 cam = F.interpolate(cam, size=gt.shape, mode="bilinear", align_corners=False)[0]  # (P, H, W)
                 top, arg = cam.max(dim=0)
-                value, label = top.numpy(), np.asarray(row["classes"], np.int64)[arg.numpy()]
+                # float64: t is compared unrounded here (the sweep compares in the precision of the values)
+                value, label = top.double().numpy(), np.asarray(row["classes"], np.int64)[arg.numpy()]
             sweep.update(gt, value, label)
     metrics, curve = sweep.report(class_names, bkg_threshold, SWEEP)
     return {**metrics, "split": split}, curve
@@ -279,7 +264,7 @@ def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, m
     if list(model_classes) != list(classes["class_names"]):
         raise ValueError(f"{classifier_dir}: classifier classes {model_classes} differ from the manifest's")
     shard_params = {k: v for k, v in to_dict(p).items() if k not in REPORT_ONLY}
-    code, model_fp = code_version("labelling.cams"), model_fingerprint(classifier_dir)
+    code, model_fp = code_version("labelling.cams"), classifier_fingerprint(classifier_dir)
     producer = {"stage": "dump_cams", "code_version": code, "params_fingerprint": hash_params(shard_params)[:32],
                 "model_fingerprint": model_fp}
     schema = cam_schema(classes["class_names"], classes["palette"], producer, scales=p.scales)

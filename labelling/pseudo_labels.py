@@ -26,7 +26,7 @@ from refinement.chain import check_methods, refine_chunk
 from shards.boxes import mask_boxes
 from shards.cams import decode_affinity, decode_cams, decode_fg
 from shards.fingerprint import code_version, fingerprint, hash_params
-from shards.images import decode_mask_png, decode_rgb, encode_mask, resize_long
+from shards.images import decode_mask_png, decode_rgb, encode_mask, long_side_size, resize_long
 from shards.io import ShardSet, atomic_write_json, read_metadata
 from shards.manifest import read_classes
 from shards.metrics import ConfusionMatrix
@@ -58,7 +58,8 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
     manifest = pq.ParquetFile(task.manifest_path).read(columns=["image_id", "image", "mask"]).to_pylist()
     if [r["image_id"] for r in cams] != [r["image_id"] for r in manifest]:
         raise ValueError(f"{task.cams_path}: rows differ from {task.manifest_path}; run dump_cams again")
-    work = [resized(r["height"], r["width"], p.max_side) for r in cams]
+    # the working size: the long side capped at max_side, never enlarged
+    work = [long_side_size(r["height"], r["width"], min(p.max_side, max(r["height"], r["width"]))) for r in cams]
     order = sorted(range(len(cams)), key=lambda i: (work[i], i))  # similar sizes share a PAR batch
     confusion, gt_images, rows = ConfusionMatrix(num_classes), 0, [None] * len(cams)
     for start in range(0, len(order), p.batch_size):
@@ -100,11 +101,6 @@ def first_cam_row(cams_dir: Path) -> dict[str, Any] | None:
             row = batch.to_pylist()[0]
             return {k: row.get(k) for k in ("image_id", "fg", "affinity")}
     return None
-
-
-def resized(height: int, width: int, max_side: int) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def run_tasks(tasks: list[ShardTask], bar: tqdm, runtime) -> None:

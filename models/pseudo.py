@@ -14,7 +14,7 @@ from models.configs import ThresholdConfig
 from models.par import ParConfig, refine_with_par, working_size
 
 
-def _max_present(cams: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def max_present(cams: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Max CAM value over present classes and its label 1..K: (B, H, W) each; -inf/1 where none present."""
     present = labels.bool()[:, :, None, None]  # (B, K, 1, 1)
     value, index = cams.masked_fill(~present, float("-inf")).max(dim=1)
@@ -23,14 +23,14 @@ def _max_present(cams: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 def label_plain(cams: torch.Tensor, labels: torch.Tensor, bkg: float = ThresholdConfig.bkg) -> torch.Tensor:
     """(B, H, W) long: the present class with the largest CAM if that value > bkg, else 0."""
-    value, label = _max_present(cams, labels)
+    value, label = max_present(cams, labels)
     return torch.where(value > bkg, label, torch.zeros_like(label))
 
 
 def label_ignore_middle(cams: torch.Tensor, labels: torch.Tensor, high: float = ThresholdConfig.high,
                         low: float = ThresholdConfig.low, *, ignore_index: int) -> torch.Tensor:
     """(B, H, W) long: class if v > high, ignore_index if low < v <= high, 0 if v <= low."""
-    value, label = _max_present(cams, labels)
+    value, label = max_present(cams, labels)
     uncertain = torch.full_like(label, ignore_index)
     return torch.where(value > high, label, torch.where(value > low, uncertain, torch.zeros_like(label)))
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from shards.collections import classifier_fingerprint
+from shards.fingerprint import classifier_fingerprint
 
 
 def artifact_key(*parts: str) -> str:

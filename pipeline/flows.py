@@ -28,7 +28,8 @@ from config.loader import load_section, read_yaml
 from config.schema import OrchestrationConfig
 from pipeline import artifacts, dvc
 from pipeline.collections import collection_lock, inbox_folders, register, workspace_lock
-from shards.collections import COLLECTIONS_FILE, classifier_fingerprint, read_collections, read_current
+from shards.collections import COLLECTIONS_FILE, read_collections, read_current
+from shards.fingerprint import classifier_fingerprint
 from shards.io import iter_rows
 
 RELABEL_PARTS = ("prepare", "dump_cams", "refine")  # the tqdm bars of one relabel@<name> run, in order

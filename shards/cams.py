@@ -1,4 +1,4 @@
-"""CAM shards (written by ``dump_cams``, read by ``refine``) and the CAM threshold sweep of their evaluation.
+"""CAM shards (written by ``dump_cams``, read by ``refine``); their threshold sweep is shards/metrics.py: ``ThresholdSweep``.
 
 One row per image, in manifest order: ``image_id``, ``split``, ``height``/``width`` of the original image,
 ``cam_height``/``cam_width`` of the stored maps, ``classes`` (the P present class ids 1..K, ascending),
@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 
 from shards.io import dataset_metadata, with_metadata
-from shards.metrics import ConfusionMatrix
 from shards.records import IGNORE_INDEX
 
 CAM_DTYPE = np.dtype("<f2")
@@ -108,58 +107,3 @@ def decode_affinity(row: Mapping[str, Any]) -> tuple[np.ndarray, tuple[int, int]
     if flat.size != n * n:
         raise ValueError(f"{row.get('image_id')}: affinity holds {flat.size} values, expected {n}x{n} for {grid}")
     return flat.reshape(n, n).astype(np.float32) / 255.0, grid
-
-
-class ThresholdSweep:
-    """Confusion matrices of the plain rule (class if max CAM > t else background) for many t at once.
-
-    Per pixel, with v the max CAM over present classes and c its class: the prediction is c when v > t, else 0.
-    One bincount per image over (ground truth, c, number of thresholds below v) gives every threshold's matrix
-    by a cumulative sum, instead of one labelling and one bincount per threshold.
-    """
-
-    def __init__(self, num_classes: int, thresholds: Sequence[float], ignore_index: int = IGNORE_INDEX):
-        self.num_classes = num_classes  # background included
-        self.thresholds = np.asarray(sorted(thresholds), dtype=np.float64)
-        self.ignore_index = ignore_index
-        self.counts = np.zeros((num_classes, num_classes, len(self.thresholds) + 1), dtype=np.int64)
-        self.images = 0
-
-    def update(self, gt: np.ndarray, value: np.ndarray, label: np.ndarray) -> None:
-        """gt, value, label: (H, W); ``label`` in 0..K is the arg-max class (0 where no class is present)."""
-        keep = gt != self.ignore_index
-        g = gt[keep].astype(np.int64)
-        c = label[keep].astype(np.int64)
-        # bins[j] = how many thresholds are < v, so "v > t_j" is "bins > j"
-        bins = np.searchsorted(self.thresholds, value[keep].astype(np.float64), side="left")
-        n, m = self.num_classes, len(self.thresholds) + 1
-        self.counts += np.bincount((g * n + c) * m + bins, minlength=n * n * m).reshape(n, n, m)
-        self.images += 1
-
-    def matrix(self, threshold: float) -> np.ndarray:
-        """The (K+1, K+2) matrix of shards.metrics.ConfusionMatrix at ``threshold`` (one of the sweep's)."""
-        j = int(np.flatnonzero(np.isclose(self.thresholds, threshold))[0])
-        above = self.counts[:, :, j + 1:].sum(axis=2)  # (K+1, K+1): predicted c
-        below = self.counts[:, :, : j + 1].sum(axis=(1, 2))  # (K+1,): predicted background
-        out = np.zeros((self.num_classes, self.num_classes + 1), dtype=np.int64)
-        out[:, : self.num_classes] = above
-        out[:, 0] += below
-        return out
-
-    def report(self, class_names: Sequence[str], threshold: float, sweep: Sequence[float]
-               ) -> tuple[dict[str, Any], list[dict[str, float]]]:
-        """metrics/cams.json at ``threshold`` (+ the best of ``sweep``) and the mIoU curve over ``sweep``."""
-        if self.images == 0:
-            return {"miou": None, "threshold": threshold, "best_miou": None, "best_threshold": None,
-                    "per_class": {}, "images": 0}, []
-
-        def confusion(t: float) -> ConfusionMatrix:
-            matrix = ConfusionMatrix(self.num_classes, self.ignore_index)
-            matrix.matrix = self.matrix(t)
-            return matrix
-
-        curve = [{"threshold": float(t), "miou": round(100 * confusion(t).miou(), 2)} for t in sweep]
-        best = max(curve, key=lambda point: point["miou"])
-        chosen = confusion(threshold).summary(class_names)
-        return {"miou": chosen["miou"], "threshold": threshold, "best_miou": best["miou"],
-                "best_threshold": best["threshold"], "per_class": chosen["per_class"], "images": self.images}, curve

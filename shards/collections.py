@@ -3,7 +3,7 @@
 A *collection* is a folder of images (with an optional ``tags.csv``) under the inbox, ``data/inbox/<name>/``,
 tracked by DVC (``data/inbox/<name>.dvc``) and listed in ``collections.yaml``; ``dvc.yaml`` gives each listed name
 a ``relabel@<name>`` stage. Its pseudo labels go to ``data/collections/<name>/<version>/``, where ``version`` is
-``<classifier fingerprint>-<params fingerprint>`` (12 hex digits each): a new classifier or new labelling params
+``<classifier fingerprint>-<params fingerprint>`` (12 hex digits each; shards/fingerprint.py): a new classifier or new labelling params
 make a new folder beside the old ones, never an overwrite. ``data/collections/<name>/current.json`` names the
 version the last run produced.
 
@@ -12,7 +12,6 @@ Torch-free (stdlib + yaml): the stage (``stages/relabel.py``) and the orchestrat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from shards.io import atomic_write_bytes, sha256_file
+from shards.io import atomic_write_bytes
 
 COLLECTIONS_FILE = "collections.yaml"  # named in dvc.yaml's `vars`; kept at the repository root
 CURRENT_FILE = "current.json"
@@ -59,14 +58,6 @@ def read_collections(root: str | Path) -> list[str]:
 def write_collections(root: str | Path, names: list[str]) -> None:
     body = yaml.safe_dump({"collections": sorted(set(names))}, default_flow_style=False)
     atomic_write_bytes(Path(root) / COLLECTIONS_FILE, (HEADER + body).encode())
-
-
-def classifier_fingerprint(folder: str | Path) -> str:
-    """The classifier's identity: sha256 of its weights and config (same value as dump_cams' model fingerprint)."""
-    digest = hashlib.sha256()
-    for name in ("model.safetensors", "config.json"):
-        digest.update(sha256_file(Path(folder) / name).encode())
-    return digest.hexdigest()[:32]
 
 
 def version_name(classifier: str, params_fingerprint: str) -> str:

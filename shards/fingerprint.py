@@ -99,6 +99,24 @@ def code_version(module: str) -> str:
     return digest.hexdigest()
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def classifier_fingerprint(folder: str | Path) -> str:
+    """A trained classifier's identity (``train_classifier``'s ``model.safetensors`` + ``config.json``): the
+    ``model_fingerprint`` of the CAM and pseudo-label shards made with it, and the first half of a relabelled
+    collection's version name (shards/collections.py)."""
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "config.json"):
+        digest.update(sha256_file(Path(folder) / name).encode())
+    return digest.hexdigest()[:32]
+
+
 def hash_inputs(paths: Iterable[str | Path]) -> str:
     """Hash input files; a folder that holds a shard ``index.json`` is hashed by that index (cheap and exact)."""
     digest = hashlib.sha256()

@@ -291,10 +291,23 @@ def decode_rgb(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def long_side_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """(h, w) of an image scaled so that its long side is ``long_side``: each side multiplied by
+    ``long_side / max(height, width)`` and rounded (Python's ``round``), at least 1. ``long_side <= 0`` keeps the size.
+
+    The one size rule of every "long side to N" resize (network inputs, stored CAMs, refine's working size,
+    overlays), so that sizes computed without the pixels match the resized pixels exactly.
+    """
+    if long_side <= 0 or max(height, width) == long_side:
+        return height, width
+    scale = long_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_long(rgb: np.ndarray, long_side: int, resample=Image.BILINEAR) -> np.ndarray:
+    """``rgb`` resized to :func:`long_side_size` (the array itself when that is its size)."""
     h, w = rgb.shape[:2]
-    if long_side <= 0 or max(h, w) == long_side:
+    size = long_side_size(h, w, long_side)
+    if size == (h, w):
         return rgb
-    scale = long_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, resample))
+    return np.asarray(Image.fromarray(rgb).resize(size[::-1], resample))

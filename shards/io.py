@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import signal
@@ -31,6 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards.fingerprint import sha256_file
 from shards.records import IGNORE_INDEX
 
 SCHEMA_VERSION = 1
@@ -53,14 +53,6 @@ def pause_point(kind: str) -> None:
     _DURABLE_WRITES[kind] = _DURABLE_WRITES.get(kind, 0) + 1
     if _DURABLE_WRITES[kind] == int(_PAUSE_AFTER.partition(":")[2]):
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

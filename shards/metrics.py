@@ -5,6 +5,9 @@ runs over the classes present in the ground truth (a class that never occurs in 
 if it is predicted; its false positives still lower the IoU of the true classes of those pixels). Predictions equal
 to 255 (pseudo labels' ignore band) count as "no prediction": they are false negatives of the true class, and
 ``coverage`` reports the share of non-ignored ground-truth pixels that received a prediction.
+
+:class:`ThresholdSweep` is the CAM mIoU over a sweep of background thresholds, one implementation for the classifier's
+periodic evaluation (training/cam_eval.py) and for the stored CAMs (``dump_cams``: metrics/cams.json).
 """
 
 from __future__ import annotations
@@ -96,3 +99,68 @@ class ConfusionMatrix:
                 for k in range(self.num_classes)
             },
         }
+
+
+# The background thresholds CAM mIoU is reported at (METHODS.md §4: the best threshold of a sweep).
+SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+
+
+class ThresholdSweep:
+    """Confusion matrices of the plain rule (class if max CAM > t else background) for many t at once.
+
+    Per pixel, with v the max CAM over present classes and c its class: the prediction is c when v > t, else 0.
+    One bincount per image over (ground truth, c, number of thresholds below v) gives every threshold's matrix
+    by a cumulative sum, instead of one labelling and one bincount per threshold. ``v > t`` is decided in the
+    precision of ``value``, as torch's ``value > t`` (``models.pseudo.label_plain``) does: a float32 CAM is compared
+    with t rounded to float32.
+    """
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float], ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes  # background included
+        self.thresholds = np.asarray(sorted(thresholds), dtype=np.float64)
+        self.ignore_index = ignore_index
+        self.counts = np.zeros((num_classes, num_classes, len(self.thresholds) + 1), dtype=np.int64)
+        self.images = 0
+
+    def update(self, gt: np.ndarray, value: np.ndarray, label: np.ndarray) -> None:
+        """gt, value, label: (H, W); ``label`` in 0..K is the arg-max class (0 where no class is present)."""
+        keep = gt != self.ignore_index
+        g = gt[keep].astype(np.int64)
+        c = label[keep].astype(np.int64)
+        v = value[keep]
+        # bins[j] = how many thresholds are < v, so "v > t_j" is "bins > j"
+        bins = np.searchsorted(self.thresholds.astype(v.dtype), v, side="left")
+        n, m = self.num_classes, len(self.thresholds) + 1
+        self.counts += np.bincount((g * n + c) * m + bins, minlength=n * n * m).reshape(n, n, m)
+        self.images += 1
+
+    def matrix(self, threshold: float) -> np.ndarray:
+        """The (K+1, K+2) matrix of :class:`ConfusionMatrix` at ``threshold`` (one of the sweep's)."""
+        j = int(np.flatnonzero(np.isclose(self.thresholds, threshold))[0])
+        above = self.counts[:, :, j + 1:].sum(axis=2)  # (K+1, K+1): predicted c
+        below = self.counts[:, :, : j + 1].sum(axis=(1, 2))  # (K+1,): predicted background
+        out = np.zeros((self.num_classes, self.num_classes + 1), dtype=np.int64)
+        out[:, : self.num_classes] = above
+        out[:, 0] += below
+        return out
+
+    def confusion(self, threshold: float) -> ConfusionMatrix:
+        matrix = ConfusionMatrix(self.num_classes, self.ignore_index)
+        matrix.matrix = self.matrix(threshold)
+        return matrix
+
+    def curve(self, sweep: Sequence[float]) -> list[dict[str, float]]:
+        """mIoU (percent) at each threshold of ``sweep``, in its order."""
+        return [{"threshold": float(t), "miou": round(100 * self.confusion(t).miou(), 2)} for t in sweep]
+
+    def report(self, class_names: Sequence[str], threshold: float, sweep: Sequence[float]
+               ) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """metrics/cams.json at ``threshold`` (+ the best of ``sweep``) and the mIoU curve over ``sweep``."""
+        if self.images == 0:
+            return {"miou": None, "threshold": threshold, "best_miou": None, "best_threshold": None,
+                    "per_class": {}, "images": 0}, []
+        curve = self.curve(sweep)
+        best = max(curve, key=lambda point: point["miou"])
+        chosen = self.confusion(threshold).summary(class_names)
+        return {"miou": chosen["miou"], "threshold": threshold, "best_miou": best["miou"],
+                "best_threshold": best["threshold"], "per_class": chosen["per_class"], "images": self.images}, curve

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from shards.cams import decode_cams
-from shards.images import decode_mask_png, decode_rgb
+from shards.images import decode_mask_png, decode_rgb, long_side_size
 from shards.pseudo_labels import read_mask
 
 GAP = 4  # px of white between panels
@@ -45,24 +45,25 @@ def cam_heat(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(top.resize((size[1], size[0]), Image.BILINEAR))
 
 
+def side_by_side(images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None], palette: Sequence[Sequence[int]],
+                 *, long_side: int = 256) -> np.ndarray:
+    """RGB ``images`` (bilinear) then ``masks`` in palette colours (nearest; None: a grey panel), left to right,
+    each scaled so its long side is ``long_side``, ``GAP`` px of white between them."""
+    h, w = long_side_size(*images[0].shape[:2], long_side)
+    panels = [np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)) for image in images]
+    panels += [np.asarray(Image.fromarray(colorize(mask, palette)).resize((w, h), Image.NEAREST)) if mask is not None
+               else np.full((h, w, 3), 128, np.uint8) for mask in masks]
+    canvas = np.full((h, len(panels) * (w + GAP) - GAP, 3), 255, np.uint8)
+    for i, panel in enumerate(panels):
+        canvas[:, i * (w + GAP): i * (w + GAP) + w] = panel
+    return canvas
+
+
 def overlay_panel(image: np.ndarray, heat: np.ndarray, mask: np.ndarray, gt: np.ndarray | None,
                   palette: Sequence[Sequence[int]], *, long_side: int = 256) -> np.ndarray:
-    """The four panels side by side, each scaled so its long side is ``long_side`` (nearest for masks)."""
-    height, width = image.shape[:2]
-    scale = long_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    """Image | CAM heat blended over it | pseudo mask | ground truth (grey when there is none)."""
     blend = (0.5 * image + 0.5 * jet(heat)).astype(np.uint8)
-    truth = colorize(gt, palette) if gt is not None else np.full_like(image, 128)  # grey: no ground truth
-    panels = [
-        Image.fromarray(image).resize(size, Image.BILINEAR),
-        Image.fromarray(blend).resize(size, Image.BILINEAR),
-        Image.fromarray(colorize(mask, palette)).resize(size, Image.NEAREST),
-        Image.fromarray(truth).resize(size, Image.NEAREST),
-    ]
-    canvas = np.full((size[1], 4 * size[0] + 3 * GAP, 3), 255, np.uint8)
-    for i, panel in enumerate(panels):
-        canvas[:, i * (size[0] + GAP): i * (size[0] + GAP) + size[0]] = np.asarray(panel)
-    return canvas
+    return side_by_side([image, blend], [mask, gt], palette, long_side=long_side)
 
 
 def sample_rows(paths: Sequence[Path], count: int) -> list[tuple[Path, int]]:

@@ -38,7 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shards.io import atomic_path, atomic_write_bytes, atomic_write_json, iter_batches, read_metadata, sha256_file
+from shards.fingerprint import sha256_file
+from shards.io import atomic_path, atomic_write_bytes, atomic_write_json, iter_batches, read_metadata
 from shards.voc_xml import annotation_xml
 
 PACKAGE_VERSION = 1

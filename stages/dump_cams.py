@@ -22,12 +22,11 @@ shards that do not belong. Memory is bounded by one shard's encoded images plus 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from config.cli import stage_arguments
 from config.schema import Params, load_params_or_exit
 from labelling.cams import dump_cams
 
@@ -38,14 +37,8 @@ def run(params: Params, manifest_dir: Path, classifier_dir: Path, out_dir: Path,
     return dump_cams(params, manifest_dir, classifier_dir, out_dir, metrics_path, progress=progress)
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--manifest", default="data/manifest")
-    parser.add_argument("--classifier", default="data/classifier")
-    parser.add_argument("--out", default="data/cams")
-    parser.add_argument("--metrics", default="metrics/cams.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, manifest="data/manifest", classifier="data/classifier", out="data/cams",
+                           metrics="metrics/cams.json")
     params = load_params_or_exit(args.params)
     run(params, Path(args.manifest), Path(args.classifier), Path(args.out), Path(args.metrics))
     return 0

@@ -17,7 +17,6 @@ sums, so the result does not depend on the pool size (at equal torch threads per
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -31,13 +30,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from config.cli import stage_arguments
 from config.schema import EvaluateParams, load_params_or_exit
 from parallel import shard_map
 from refinement.crf import crf_refine_probs
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.manifest import manifest_files
 from shards.metrics import ConfusionMatrix
-from shards.overlays import GAP, colorize
+from shards.overlays import side_by_side
 from shards.sampling import RowIndex
 from training import runtime as rt
 from training.segmenter_data import GroundTruthImages, rows_with_masks
@@ -59,19 +59,6 @@ def confusion_rows(matrix: np.ndarray, class_names: list[str], rows: int) -> str
     for gt, pred in zip(*np.nonzero(square)):
         lines += [f"{class_names[gt]},{class_names[pred]}"] * max(1, round(square[gt, pred] * rows / total))
     return "\n".join(lines) + "\n"
-
-
-def overlay(rgb: np.ndarray, masks: list[np.ndarray], palette, long_side: int = 256) -> np.ndarray:
-    """The image and ``masks`` (palette colours) side by side, each scaled so its long side is ``long_side``."""
-    height, width = rgb.shape[:2]
-    scale = long_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    panels = [Image.fromarray(rgb).resize(size, Image.BILINEAR)]
-    panels += [Image.fromarray(colorize(m, palette)).resize(size, Image.NEAREST) for m in masks]
-    canvas = np.full((size[1], len(panels) * (size[0] + GAP) - GAP, 3), 255, np.uint8)
-    for i, panel in enumerate(panels):
-        canvas[:, i * (size[0] + GAP): i * (size[0] + GAP) + size[0]] = np.asarray(panel)
-    return canvas
 
 
 @dataclass(frozen=True)
@@ -184,20 +171,14 @@ def write_overlays(panels: list[dict[str, Any]], out_dir: Path, palette, crf: bo
         old.unlink()
     for panel in panels:
         best = panel["ms_flip_crf"] if crf else panel["ms_flip"]
-        image = overlay(panel["rgb"], [panel["single"], best, panel["gt"]], palette)
+        image = side_by_side([panel["rgb"]], [panel["single"], best, panel["gt"]], palette)
         Image.fromarray(image).save(out_dir / f"{panel['image_id']}.png", optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--segmenter", default="data/segmenter")
-    parser.add_argument("--manifest", default="data/manifest")
-    parser.add_argument("--metrics", default="metrics/segmenter.json")
-    parser.add_argument("--confusion", default="metrics/segmenter_confusion.csv")
-    parser.add_argument("--overlays", default="metrics/segmenter_overlays")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, segmenter="data/segmenter", manifest="data/manifest",
+                           metrics="metrics/segmenter.json", confusion="metrics/segmenter_confusion.csv",
+                           overlays="metrics/segmenter_overlays")
     params = load_params_or_exit(args.params)
     started = time.perf_counter()
     result = run(params, Path(args.segmenter), Path(args.manifest), Path(args.metrics), Path(args.confusion),

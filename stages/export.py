@@ -15,7 +15,6 @@ killed export is simply run again. The stage reads and copies bytes only: no tor
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from config.cli import stage_arguments
 from config.loader import to_dict
 from config.schema import ExportParams, Params, load_params_or_exit
 from shards.dataset_card import render_card
@@ -141,14 +141,8 @@ def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, met
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--pseudo-labels", default="data/pseudo_labels")
-    parser.add_argument("--manifest", default="data/manifest")
-    parser.add_argument("--metrics", default="metrics/pseudo_labels.json", help="quality for the card, if present")
-    parser.add_argument("--out", default="data/export")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, pseudo_labels="data/pseudo_labels", manifest="data/manifest",
+                           metrics=("metrics/pseudo_labels.json", "quality for the card, if present"), out="data/export")
     params = load_params_or_exit(args.params)
     try:
         run(params, Path(args.pseudo_labels), Path(args.manifest), Path(args.out), Path(args.metrics))

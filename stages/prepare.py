@@ -13,12 +13,11 @@ matching fingerprint and removes shards that no longer belong.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from config.cli import stage_arguments
 from config.loader import ParamsError
 from config.schema import PrepareConfig, load_params
 from labelling.ingest import build_manifest
@@ -31,12 +30,9 @@ def run(cfg: PrepareConfig, out_dir: Path, *, progress: bool = True) -> dict[str
     return build_manifest(cfg, out_dir, progress=progress)
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (section 'prepare')")
-    parser.add_argument("--out", default="data/manifest", help="output folder for manifest shards")
-    parser.add_argument("--metrics", default="metrics/prepare.json", help="summary JSON for dvc metrics")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, params=("params.yaml", "params file (section 'prepare')"),
+                           out=("data/manifest", "output folder for manifest shards"),
+                           metrics=("metrics/prepare.json", "summary JSON for dvc metrics"))
     try:
         params = load_params(args.params)
         summary = run(params.prepare, Path(args.out))

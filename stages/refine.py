@@ -20,12 +20,11 @@ reports metrics over every shard.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from config.cli import stage_arguments
 from config.schema import Params, load_params_or_exit
 from labelling.pseudo_labels import first_cam_row, refine_cams
 from refinement.chain import check_methods
@@ -37,15 +36,8 @@ def run(params: Params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metri
     return refine_cams(params, cams_dir, manifest_dir, out_dir, metrics_path, overlays_dir, progress=progress)
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--cams", default="data/cams")
-    parser.add_argument("--manifest", default="data/manifest")
-    parser.add_argument("--out", default="data/pseudo_labels")
-    parser.add_argument("--metrics", default="metrics/pseudo_labels.json")
-    parser.add_argument("--overlays", default="metrics/overlays")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, cams="data/cams", manifest="data/manifest", out="data/pseudo_labels",
+                           metrics="metrics/pseudo_labels.json", overlays="metrics/overlays")
     params = load_params_or_exit(args.params)
     try:
         check_methods(params.refine.methods, first_cam_row(Path(args.cams)), args.cams)

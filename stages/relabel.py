@@ -20,7 +20,6 @@ Resumable as its three parts are (per shard); a new classifier or new params sta
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -33,13 +32,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from config.cli import stage_arguments
 from config.loader import to_dict
 from config.schema import Params, load_params_or_exit
 from labelling import cams as cam_dump
 from labelling import pseudo_labels
 from labelling.ingest import build_manifest
-from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, classifier_fingerprint, version_name
-from shards.fingerprint import hash_params
+from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, version_name
+from shards.fingerprint import classifier_fingerprint, hash_params
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.records import DataError
 
@@ -171,14 +171,9 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--name", required=True, help="collection name (collections.yaml)")
-    parser.add_argument("--images", required=True, help="the collection's folder")
-    parser.add_argument("--classifier", default="data/classifier")
-    parser.add_argument("--out", required=True, help="data/collections/<name>")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, name=(None, "collection name (collections.yaml)"),
+                           images=(None, "the collection's folder"), classifier="data/classifier",
+                           out=(None, "data/collections/<name>"))
     params = load_params_or_exit(args.params)
     try:
         run(params, args.name, Path(args.images), Path(args.classifier), Path(args.out))

@@ -12,7 +12,6 @@ again, resumes from it and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -27,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from config.cli import stage_arguments
 from config.loader import to_dict
 from config.schema import ClassifierParams, load_params_or_exit
 from models.toco import param_groups
@@ -131,15 +131,9 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--manifest", default="data/manifest")
-    parser.add_argument("--out", default="data/classifier")
-    parser.add_argument("--checkpoints", default="checkpoints/classifier")
-    parser.add_argument("--metrics", default="metrics/classifier.json")
-    parser.add_argument("--live", default="dvclive/train_classifier")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, manifest="data/manifest", out="data/classifier",
+                           checkpoints="checkpoints/classifier", metrics="metrics/classifier.json",
+                           live="dvclive/train_classifier")
     params = load_params_or_exit(args.params)
     started = time.perf_counter()
     result = run(params, Path(args.manifest), Path(args.out), Path(args.checkpoints), Path(args.metrics),

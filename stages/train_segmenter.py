@@ -14,7 +14,6 @@ again, resumes from it and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from config.cli import stage_arguments
 from config.loader import to_dict
 from config.schema import SegmenterParams, load_params_or_exit
 from models.deeplab import param_groups
@@ -165,15 +165,9 @@ def _plain_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--pseudo-labels", default="data/pseudo_labels")
-    parser.add_argument("--manifest", default="data/manifest", help="val ground truth for the periodic mIoU; ''")
-    parser.add_argument("--out", default="data/segmenter")
-    parser.add_argument("--checkpoints", default="checkpoints/segmenter")
-    parser.add_argument("--live", default="dvclive/train_segmenter")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = stage_arguments(__doc__, argv, pseudo_labels="data/pseudo_labels",
+                           manifest=("data/manifest", "val ground truth for the periodic mIoU; ''"),
+                           out="data/segmenter", checkpoints="checkpoints/segmenter", live="dvclive/train_segmenter")
     params = load_params_or_exit(args.params)
     started = time.perf_counter()
     result = run(params, Path(args.pseudo_labels), Path(args.out), Path(args.checkpoints),

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.cam import multiscale_cam
-from models.pseudo import label_plain
-from shards.metrics import ConfusionMatrix
-
-SWEEP = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+from models.pseudo import max_present
+from shards.metrics import SWEEP, ThresholdSweep
 
 
 @torch.no_grad()
@@ -27,7 +24,7 @@ def evaluate_classifier(model: torch.nn.Module, dataset, class_names: Sequence[s
     """``dataset`` yields EvalImages items; ``class_names`` includes background. Returns F1 and the CAM sweep."""
     model.eval()
     num_classes = len(class_names)
-    matrices = {t: ConfusionMatrix(num_classes) for t in thresholds}
+    sweep = ThresholdSweep(num_classes, thresholds)
     tp = fp = fn = 0
     for i in tqdm(range(len(dataset)), desc="eval", unit="img", disable=not progress, leave=False):
         item = dataset[i]
@@ -46,16 +43,15 @@ def evaluate_classifier(model: torch.nn.Module, dataset, class_names: Sequence[s
         with autocast:
             cams = multiscale_cam(model, x, scales, head="final", labels=labels)
         cams = F.interpolate(cams.float(), size=gt.shape, mode="bilinear", align_corners=False)  # (1, K, H0, W0)
-        for t in thresholds:
-            matrices[t].update(gt, label_plain(cams, labels, t)[0].cpu().numpy())
+        value, label = max_present(cams, labels)  # (1, H0, W0) each: the plain rule's inputs (label_plain)
+        sweep.update(gt, value[0].cpu().numpy(), label[0].cpu().numpy())
     model.train()
     f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-    curve = [{"threshold": t, "miou": round(100 * matrices[t].miou(), 2)} for t in thresholds
-             if matrices[t].matrix.sum()]
+    curve = sweep.curve(thresholds) if sweep.counts.sum() else []
     result: dict[str, Any] = {"f1": round(f1, 4), "precision": round(tp / max(tp + fp, 1), 4),
                               "recall": round(tp / max(tp + fn, 1), 4), "images": len(dataset)}
     if curve:
         best = max(curve, key=lambda row: row["miou"])
         result.update(cam_miou=best["miou"], cam_threshold=best["threshold"], cam_scales=list(scales),
-                      cam_per_class=matrices[best["threshold"]].summary(class_names)["per_class"], curve=curve)
+                      cam_per_class=sweep.confusion(best["threshold"]).summary(class_names)["per_class"], curve=curve)
     return result

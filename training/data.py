@@ -16,13 +16,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from config.schema import AugmentConfig
+from models.stem import IMAGENET_MEAN, IMAGENET_STD
 from shards.images import decode_mask_png, decode_rgb, resize_long
 from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex, RowReader
 from training.transforms import augment_pair
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def multi_hot(tags: list[int] | None, num_classes: int) -> np.ndarray:

@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from models.stem import IMAGENET_MEAN, IMAGENET_STD
 from shards.images import decode_mask_png, decode_rgb
 from shards.package import open_package
 from shards.records import IGNORE_INDEX
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PairTransform = Callable[[np.ndarray, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
 

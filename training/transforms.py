@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from config.schema import AugmentConfig
+from shards.images import long_side_size
 from shards.records import IGNORE_INDEX
 
 
@@ -44,8 +45,7 @@ def augment_pair(rgb: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
         raise ValueError(f"image {rgb.shape[:2]} and mask {mask.shape} differ in size")
     h, w = mask.shape
     if cfg.base_size > 0:
-        scale = cfg.base_size / max(h, w)
-        rgb, mask = resize_pair(rgb, mask, (max(1, round(w * scale)), max(1, round(h * scale))))
+        rgb, mask = resize_pair(rgb, mask, long_side_size(h, w, cfg.base_size)[::-1])
         h, w = mask.shape
     scale = rng.uniform(*cfg.scale_range)
     rgb, mask = resize_pair(rgb, mask, (max(1, round(w * scale)), max(1, round(h * scale))))

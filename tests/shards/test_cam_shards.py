@@ -7,11 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shards.cams import ThresholdSweep, cam_schema, decode_cams, encode_cams
+from shards.cams import cam_schema, decode_cams, encode_cams
 from shards.images import encode_mask
 from shards.io import ShardSet, read_metadata
-from shards.metrics import ConfusionMatrix
-from shards.pseudo_labels import PSEUDO_LABEL_SCHEMA, mask_stats, pseudo_label_metrics, pseudo_label_schema, read_mask
+from shards.metrics import ConfusionMatrix, ThresholdSweep
+from shards.pseudo_labels import (PSEUDO_LABEL_SCHEMA, mask_stats, pseudo_label_metrics, pseudo_label_schema,
+                                  read_mask)
 from shards.records import voc_palette
 
 NAMES = ["background", "cat", "dog", "cow"]

@@ -1,7 +1,8 @@
 from dataclasses import dataclass
 
 from shards import fingerprint as fingerprint_module
-from shards.fingerprint import PROJECT_ROOT, code_version, fingerprint, hash_inputs, import_closure
+from shards.fingerprint import (PROJECT_ROOT, classifier_fingerprint, code_version, fingerprint, hash_inputs,
+                                import_closure, sha256_file)
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,11 @@ def test_code_version_changes_with_a_file_of_the_closure_only(tmp_path, monkeypa
     assert code_version("stages.a") != before
 
 
+def test_classifier_fingerprint_covers_weights_and_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "config.json").write_text("{}")
+    first = classifier_fingerprint(tmp_path)
+    assert len(first) == 32 and first == classifier_fingerprint(tmp_path)
+    assert sha256_file(tmp_path / "config.json") == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    (tmp_path / "config.json").write_text('{"k": 1}')
+    assert classifier_fingerprint(tmp_path) != first

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from shards.images import decode_image, decode_mask, decode_mask_png, encode_mask
+from shards.images import decode_image, decode_mask, decode_mask_png, encode_mask, long_side_size, resize_long
 from shards.records import RejectError, voc_palette
 
 LIMITS = dict(max_pixels=1_000_000, min_side=8)
@@ -310,3 +310,18 @@ def test_encode_mask_round_trip_and_palette():
     np.testing.assert_array_equal(decode_mask_png(data), mask)
     with pytest.raises(ValueError):
         encode_mask(mask.astype(np.int32), voc_palette())
+
+
+@pytest.mark.parametrize(("size", "long_side", "expected"), [
+    ((300, 500), 250, (150, 250)), ((500, 300), 250, (250, 150)),  # either side may be the long one
+    ((333, 500), 100, (67, 100)),  # 66.6 rounds up
+    ((3, 1000), 10, (1, 10)),  # never below 1 px
+    ((40, 60), 60, (40, 60)), ((40, 60), 0, (40, 60)),  # already there; 0 keeps the size
+    ((40, 60), 90, (60, 90)),  # enlarging follows the same rule
+])
+def test_long_side_size_is_the_size_resize_long_gives(size, long_side, expected):
+    assert long_side_size(*size, long_side) == expected
+    rgb = np.zeros((*size, 3), np.uint8)
+    assert resize_long(rgb, long_side).shape[:2] == expected
+    if expected == size:
+        assert resize_long(rgb, long_side) is rgb

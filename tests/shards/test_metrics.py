@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shards.metrics import ConfusionMatrix
+from shards.metrics import SWEEP, ConfusionMatrix, ThresholdSweep
 
 
 def test_hand_computed_with_ignore_pixel_and_absent_class():
@@ -50,3 +50,31 @@ def test_bad_values_are_errors():
         cm.update(np.array([3]), np.array([0]))
     with pytest.raises(ValueError, match="differ in shape"):
         cm.update(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_sweep_decides_v_above_t_in_the_precision_of_the_values():
+    """float32 CAMs are compared as torch compares them (t rounded to float32: models.pseudo.label_plain)."""
+    t = 0.05
+    on_t = np.float32(t)  # 0.0500000007...: above t in float64, not above float32(t)
+    gt = np.ones((1, 2), np.uint8)
+    label = np.ones((1, 2), np.int64)
+    for dtype, above in ((np.float32, 0), (np.float64, 1)):
+        sweep = ThresholdSweep(2, [t])
+        sweep.update(gt, np.array([[on_t, 0.9]], dtype), label)
+        assert sweep.matrix(t)[1].tolist() == [1 - above, 1 + above, 0]
+        assert (np.array([[on_t]], dtype) > t).item() == bool(above)  # numpy's own comparison agrees
+
+
+def test_sweep_curve_is_the_miou_of_each_threshold_in_order():
+    rng = np.random.default_rng(0)
+    sweep = ThresholdSweep(3, SWEEP)
+    gt = rng.integers(0, 3, (5, 7)).astype(np.uint8)
+    value = rng.random((5, 7)).astype(np.float32)
+    label = rng.integers(1, 3, (5, 7))
+    sweep.update(gt, value, label)
+    curve = sweep.curve(SWEEP[::-1])
+    assert [p["threshold"] for p in curve] == list(SWEEP[::-1])
+    for point in curve:
+        direct = ConfusionMatrix(3)
+        direct.update(gt, np.where(value > point["threshold"], label, 0))
+        assert point["miou"] == round(100 * direct.miou(), 2)

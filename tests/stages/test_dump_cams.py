@@ -17,6 +17,7 @@ from config.schema import DumpCamsParams, Params, PrepareConfig, RuntimeConfig, 
 from models.toco import ToCo
 from conftest import ROOT, kill_when_paused, tiny_params, tool_env
 from shards.cams import decode_cams
+from shards.fingerprint import classifier_fingerprint
 from shards.io import ShardSet, read_metadata
 from shards.manifest import manifest_files, read_classes
 from stages import dump_cams, prepare, shapes
@@ -81,6 +82,7 @@ def test_one_fp16_shard_per_manifest_shard_with_present_classes(dumped):
     meta = read_metadata(root / "cams" / names[0])
     assert meta["kind"] == "cams" and meta["class_names"][0] == "background"
     assert set(meta["producer"]) == {"stage", "code_version", "params_fingerprint", "model_fingerprint"}
+    assert meta["producer"]["model_fingerprint"] == classifier_fingerprint(root / "classifier")  # relabel's too
     for name in names:
         truth = pq.read_table(manifest / name).to_pylist()
         cams = pq.read_table(root / "cams" / name).to_pylist()

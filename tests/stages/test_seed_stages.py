@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import merge, tiny_params
 
+from models.affinity import propagate
+from shards.cams import decode_affinity, decode_cams, decode_fg
+from shards.images import long_side_size
 from config.loader import build
 from config.schema import Params, PrepareConfig
 from labelling import cams as cam_dump
-from models.affinity import propagate
 from refinement.chain import refine_chunk
-from shards.cams import decode_affinity, decode_cams, decode_fg
 from stages import dump_cams, prepare, refine, shapes, train_classifier
 
 OPTIONS = {"model": {"pooling": "akp", "use_afa": True, "afa_layers": 2, "use_trt": True},
@@ -65,7 +66,7 @@ def test_dump_stores_fg_and_affinity_of_the_image_tokens(trained):
         fg = decode_fg(row)
         assert fg.shape == (row["cam_height"], row["cam_width"]) and 0 <= fg.min() and fg.max() <= 1
         affinity, grid = decode_affinity(row)
-        h, w = cam_dump.resized_size(row["height"], row["width"], params.dump_cams.image_size)
+        h, w = long_side_size(row["height"], row["width"], params.dump_cams.image_size)
         assert grid == (-(-h // stride), -(-w // stride))  # the tokens covering the image, not its padding
         assert affinity.shape == (grid[0] * grid[1],) * 2
         assert np.allclose(affinity, affinity.T, atol=1 / 255)  # AFA's head is symmetric
