@@ -28,11 +28,12 @@ demo: setup
 	dvc repro
 	dvc metrics show
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests keep one core busy.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 test-fast: setup
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)
