@@ -41,7 +41,8 @@ CHAINS: dict[str, list[list[str] | dict]] = {
     "toco": [[], ["par"], ["crf"], ["par", "crf"]],
     "vit_cam": [[], ["par", "crf"]],
     "afa": [["par", "crf"], ["random_walk"], ["random_walk", "par", "crf"],
-            {"methods": ["random_walk", "par", "crf"], "thresholds": {"high": 0.55, "low": 0.35}}],  # AFA's own thresholds
+            {"methods": ["random_walk", "par", "crf"],
+             "thresholds": {"high": 0.55, "low": 0.35}}],  # AFA's own thresholds
     "apc": [[], ["par", "crf"]],
     "trt": [[], ["par", "crf"], ["fg_prior"], {"methods": ["fg_prior"], "fg_power": 0.25}, ["fg_prior", "par", "crf"],
             {"methods": ["fg_prior", "par", "crf"], "fg_power": 0.25}],

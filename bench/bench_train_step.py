@@ -124,7 +124,8 @@ def main() -> None:
         rows.append(("fp32 fused (CPU)", measure(p, p.optim.batch_size, device, False, True, args.steps, args.warmup)))
         rows.append(("fp32 eager (CPU)", measure(p, p.optim.batch_size, device, False, False, args.steps, args.warmup)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
-    print(f"# ToCo train step, preset {args.preset}, backbone {p.model.backbone} patch {p.model.patch_size or 'default'} "
+    print(f"# ToCo train step, preset {args.preset}, backbone {p.model.backbone} "
+          f"patch {p.model.patch_size or 'default'} "
           f"@ {p.augment.crop_size}px, {name}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| setting | batch | images/s | s/step | peak memory (GiB) | speed vs first row |")
     print("| --- | --- | --- | --- | --- | --- |")

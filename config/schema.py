@@ -140,6 +140,18 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class LoopConfig:
+    """What the training loop does besides optimizer steps (training/loop.py): logging, evaluation, checkpoints."""
+
+    log_every: int = param(10, lo=1, help="dvclive logging interval in steps")
+    eval_every: int = param(200, lo=0, help="validation metrics on eval_images images every N steps; 0 = never")
+    eval_images: int = param(64, lo=1, help="validation images of the periodic evaluation")
+    checkpoint_every: int = param(50, lo=1, help="atomic resume checkpoint interval in steps")
+    num_workers: int = param(0, lo=0, help="DataLoader worker processes (0 = load in the training process)")
+    bf16: bool = param(True, help="bf16 autocast with fused attention on CUDA; the CPU always runs fp32")
+
+
+@dataclass(frozen=True)
 class ClassifierParams:
     """``train_classifier``: the ToCo network, its losses, augmentation and schedule (METHODS.md §1)."""
 
@@ -151,12 +163,7 @@ class ClassifierParams:
                                                "(each with its flip)")
     eval_size: int = param(256, lo=16, help="long side of val images for F1 and CAM metrics (as dump_cams."
                                             "predict_size)")
-    eval_every: int = param(200, lo=1, help="CAM mIoU on eval_images val images every N steps (dvclive)")
-    eval_images: int = param(64, lo=1, help="validation images of the periodic evaluation")
-    log_every: int = param(10, lo=1, help="dvclive logging interval in steps")
-    checkpoint_every: int = param(50, lo=1, help="atomic resume checkpoint interval in steps")
-    num_workers: int = param(0, lo=0, help="DataLoader worker processes (0 = load in the training process)")
-    bf16: bool = param(True, help="bf16 autocast with fused attention on CUDA; the CPU always runs fp32")
+    loop: LoopConfig = section(LoopConfig, "logging, periodic F1 and CAM mIoU, checkpoints")
 
     def validate(self) -> None:
         if self.loss.use_ptc and not self.model.use_aux:
@@ -286,12 +293,7 @@ class SegmenterParams:
     augment: AugmentConfig = section(AugmentConfig, "training-crop augmentation (image and mask)")
     optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
     aux_weight: float = param(0.4, lo=0.0, help="weight of the auxiliary loss (model.aux)")
-    eval_every: int = param(100, lo=0, help="val mIoU on eval_images images every N steps; 0 = never")
-    eval_images: int = param(32, lo=1, help="validation images of the periodic evaluation")
-    log_every: int = param(10, lo=1, help="dvclive logging interval in steps")
-    checkpoint_every: int = param(50, lo=1, help="atomic resume checkpoint interval in steps")
-    num_workers: int = param(0, lo=0, help="DataLoader worker processes (0 = load in the training process)")
-    bf16: bool = param(True, help="bf16 autocast on CUDA; the CPU always runs fp32")
+    loop: LoopConfig = section(LoopConfig, "logging, periodic single-scale val mIoU, checkpoints")
 
     def deeplab(self, num_classes: int) -> DeepLabConfig:
         """The network's config with the class count (background included) that comes from the data."""

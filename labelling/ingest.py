@@ -1,4 +1,4 @@
-"""Ingest a dataset source into manifest shards (the work of the ``prepare`` stage; ``relabel`` runs it on a collection).
+"""Ingest a dataset source into manifest shards: the work of the ``prepare`` stage (``relabel`` runs it too).
 
 What it consumes and produces, and how it resumes: the docstring of ``stages/prepare.py``.
 """

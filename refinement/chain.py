@@ -15,7 +15,8 @@ runs combine as ToCo's: the high run's class; where it says background, 255; whe
   CPU. First in the chain this is AFA/ToCo's CRF pseudo label (``crf_two_thresholds``); after ``par`` the
   PAR-refined probabilities are the CRF unaries; ``[crf, par]`` diffuses the CRF marginals with PAR.
 - ``random_walk`` (AFA): each image's stack is area-resized to its affinity's token grid, propagated one step by
-  T = A' / (row sum + ``random_walk.eps``) (A' = affinities within ``random_walk.radius`` tokens, to ``random_walk.power``;
+  T = A' / (row sum + ``random_walk.eps``) (A' = affinities within ``random_walk.radius`` tokens, raised to
+  ``random_walk.power``;
   ``models/affinity.py``) and resized back (bilinear). First among the stack methods it runs, as AFA does, on the
   raw [background plane, CAMs] values before the softmax; later it propagates the probabilities and renormalises
   them. Needs the ``affinity`` column of CAM shards dumped from a classifier trained with ``use_afa``.

@@ -32,7 +32,7 @@ from refinement.chain import check_methods
 
 def run(params: Params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
         overlays_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Refine the CAM shards into pseudo-label shards; returns {computed, skipped, removed, images, seconds, metrics}."""
+    """The CAM shards as pseudo-label shards; returns {computed, skipped, removed, images, seconds, metrics}."""
     return refine_cams(params, cams_dir, manifest_dir, out_dir, metrics_path, overlays_dir, progress=progress)
 
 def main(argv: list[str] | None = None) -> int:

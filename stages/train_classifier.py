@@ -75,7 +75,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
 
     live = open_live(live_dir, env, resumed=step > 0)
     data = batch_stream(train_set, rows, train_index, seed=params.runtime.seed, p=p.optim, step=step, env=env,
-                        num_workers=p.num_workers)
+                        num_workers=p.loop.num_workers)
     bar = tqdm(total=p.optim.iterations, initial=step, desc="train_classifier", unit="step",
                disable=not (progress and env.is_main))
     throughput = Throughput()
@@ -88,7 +88,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
 
     while step < p.optim.iterations:
         started = time.perf_counter()
-        losses, seen = accumulate(wrapped, data, p.optim, env, p.bf16, losses_of)
+        losses, seen = accumulate(wrapped, data, p.optim, env, p.loop.bf16, losses_of)
         step_optimizer(optimizer, scheduler)
         model.update_teacher()
         step += 1
@@ -96,17 +96,18 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
         step_seconds += time.perf_counter() - started
         steps_timed += 1
         bar.update(1)
-        if step % p.log_every == 0:
+        if step % p.loop.log_every == 0:
             log_losses(live, bar, losses, scheduler.get_last_lr()[0], throughput.report())
-        if step % p.eval_every == 0 and env.is_main and val_set is not None and step < p.optim.iterations:
-            subset = Subset(val_set, range(min(p.eval_images, len(val_set))))
+        if p.loop.eval_every and step % p.loop.eval_every == 0 and env.is_main and val_set is not None \
+                and step < p.optim.iterations:
+            subset = Subset(val_set, range(min(p.loop.eval_images, len(val_set))))
             result = evaluate_classifier(model, subset, classes, scales=(1.0,), device=env.device,
-                                         autocast=env.autocast(p.bf16))
+                                         autocast=env.autocast(p.loop.bf16))
             if live is not None:
                 live.log_metric("val/f1", result["f1"])
                 if "cam_miou" in result:
                     live.log_metric("val/cam_miou", result["cam_miou"])
-        if step % p.checkpoint_every == 0 and step < p.optim.iterations:
+        if step % p.loop.checkpoint_every == 0 and step < p.optim.iterations:
             save_resume_state(ckpt, env, step, model, optimizer, scheduler, generator)
     bar.close()
     result: dict[str, Any] = {}
@@ -115,7 +116,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
                                       "params": to_dict(p)})
         if val_set is not None:
             result = evaluate_classifier(model, val_set, classes, scales=p.eval_cam_scales, device=env.device,
-                                         autocast=env.autocast(p.bf16), progress=progress)
+                                         autocast=env.autocast(p.loop.bf16), progress=progress)
         result["iterations"] = p.optim.iterations
         if steps_timed:
             result["seconds_per_step"] = round(step_seconds / steps_timed, 4)

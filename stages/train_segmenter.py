@@ -88,7 +88,7 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
     if len(rows) == 0:
         raise ValueError(f"{pseudo_dir}: every training pseudo mask is entirely ignored")
     crops = PseudoLabelCrops(index, p.augment, params.runtime.seed)
-    evals = val_images(manifest_dir, p.eval_images) if env.is_main and p.eval_every > 0 else None
+    evals = val_images(manifest_dir, p.loop.eval_images) if env.is_main and p.loop.eval_every > 0 else None
 
     model = build_segmenter(deeplab_config(p, len(class_names))).to(env.device)
     optimizer = make_optimizer(*param_groups(model), p.optim)
@@ -104,7 +104,7 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
 
     live = open_live(live_dir, env, resumed=step > 0)
     data = batch_stream(crops, rows, index, seed=params.runtime.seed, p=p.optim, step=step, env=env,
-                        num_workers=p.num_workers)
+                        num_workers=p.loop.num_workers)
     bar = tqdm(total=p.optim.iterations, initial=step, desc="train_segmenter", unit="step",
                disable=not (progress and env.is_main))
     throughput, started = Throughput(), time.perf_counter()
@@ -119,19 +119,19 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
         return {"total": loss}
 
     while step < p.optim.iterations:
-        losses, seen = accumulate(wrapped, data, p.optim, env, p.bf16, losses_of)
+        losses, seen = accumulate(wrapped, data, p.optim, env, p.loop.bf16, losses_of)
         step_optimizer(optimizer, scheduler)
         step += 1
         throughput.seen += seen
         bar.update(1)
-        if step % p.log_every == 0:
+        if step % p.loop.log_every == 0:
             log_losses(live, bar, losses, scheduler.get_last_lr()[0], throughput.report())
-        if p.eval_every and step % p.eval_every == 0 and evals is not None:
-            miou = val_miou(model, evals, len(class_names), env.device, env.autocast(p.bf16))
+        if p.loop.eval_every and step % p.loop.eval_every == 0 and evals is not None:
+            miou = val_miou(model, evals, len(class_names), env.device, env.autocast(p.loop.bf16))
             bar.write(f"step {step}: val mIoU {miou:.2f} ({len(evals)} images, single scale)")
             if live is not None:
                 live.log_metric("val/miou", miou)
-        if step % p.checkpoint_every == 0 and step < p.optim.iterations:
+        if step % p.loop.checkpoint_every == 0 and step < p.optim.iterations:
             save_resume_state(ckpt, env, step, model, optimizer, scheduler)
     bar.close()
     seconds = time.perf_counter() - started

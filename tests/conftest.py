@@ -26,8 +26,8 @@ TINY = {
         "loss": {"local_crops": 2, "local_crop_size": 24, "seg_start_iter": 2},
         "augment": {"crop_size": 48, "base_size": 64},
         "optim": {"batch_size": 4, "iterations": 4, "warmup_iters": 1},
-        "eval_every": 2, "eval_images": 2, "checkpoint_every": 2, "log_every": 1, "eval_size": 64,
-        "eval_cam_scales": [1.0],
+        "loop": {"eval_every": 2, "eval_images": 2, "checkpoint_every": 2, "log_every": 1},
+        "eval_size": 64, "eval_cam_scales": [1.0],
     },
     # a 0.3M-parameter backbone with random weights: a training step takes a few hundredths of a second
     "train_segmenter": {
@@ -35,7 +35,7 @@ TINY = {
                   "decoder_channels": 16, "low_level_channels": 8},
         "augment": {"crop_size": 48},
         "optim": {"batch_size": 4, "iterations": 4},
-        "eval_every": 2, "eval_images": 2, "checkpoint_every": 2, "log_every": 1,
+        "loop": {"eval_every": 2, "eval_images": 2, "checkpoint_every": 2, "log_every": 1},
     },
     "evaluate": {"scales": [1.0, 0.75], "overlays": 2, "confusion_rows": 100},
 }

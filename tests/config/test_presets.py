@@ -93,11 +93,11 @@ def test_the_papers_preset_runs_the_whole_chain_on_a_voc_tree(tmp_path):
                       "proj_bottleneck_dim": 16, "proj_out_dim": 32},
             "loss": {"local_crops": 2, "local_crop_size": 32, "seg_start_iter": 1},
             "augment": {"crop_size": 64}, "optim": {"batch_size": 2, "iterations": 2, "warmup_iters": 1},
-            "eval_size": 64, "eval_every": 100, "eval_images": 2, "checkpoint_every": 1, "num_workers": 0},
+            "eval_size": 64, "loop": {"eval_every": 100, "eval_images": 2, "checkpoint_every": 1, "num_workers": 0}},
         "dump_cams": {"image_size": 64, "cam_size": 32, "predict_size": 64, "batch_size": 4},
         "train_segmenter": {"model": {"pretrained": "none"}, "augment": {"crop_size": 64},
-                            "optim": {"batch_size": 2, "iterations": 2}, "eval_every": 2, "eval_images": 2,
-                            "checkpoint_every": 1, "num_workers": 0},
+                            "optim": {"batch_size": 2, "iterations": 2},
+                            "loop": {"eval_every": 2, "eval_images": 2, "checkpoint_every": 1, "num_workers": 0}},
     })
     p = build(Params, params)
     manifest = tmp_path / "manifest"

@@ -20,7 +20,7 @@ from refinement.chain import refine_chunk
 from stages import dump_cams, prepare, refine, shapes, train_classifier
 
 OPTIONS = {"model": {"pooling": "akp", "use_afa": True, "afa_layers": 2, "use_trt": True},
-           "loss": {"use_pcl": True, "seg_start_iter": 1}, "optim": {"iterations": 3}, "eval_every": 100}
+           "loss": {"use_pcl": True, "seg_start_iter": 1}, "optim": {"iterations": 3}, "loop": {"eval_every": 100}}
 
 
 def params_with(overrides: dict | None = None, refine_overrides: dict | None = None) -> Params:

@@ -66,8 +66,8 @@ def test_batches_are_deterministic_disjoint_across_ranks_and_resumable(manifest)
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(manifest, tmp_path):
-    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 12}, "checkpoint_every": 4,
-                                                      "eval_every": 1000})
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 12},
+                                                      "loop": {"checkpoint_every": 4, "eval_every": 1000}})
     clean = tmp_path / "clean"
     subprocess.run(stage_cmd(params, manifest, clean), cwd=ROOT, env=tool_env(), check=True, capture_output=True)
 
@@ -89,10 +89,11 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(manifest, 
 @pytest.mark.slow
 def test_changed_params_never_resume_stale_state(manifest, tmp_path):
     out = tmp_path / "run"
-    first = write_params(tmp_path / "a.yaml", {"optim": {"iterations": 4}, "checkpoint_every": 2, "eval_every": 1000})
+    first = write_params(tmp_path / "a.yaml", {"optim": {"iterations": 4},
+                                               "loop": {"checkpoint_every": 2, "eval_every": 1000}})
     subprocess.run(stage_cmd(first, manifest, out), cwd=ROOT, env=tool_env(), check=True, capture_output=True)
-    second = write_params(tmp_path / "b.yaml", {"optim": {"iterations": 4, "lr": 1e-3}, "checkpoint_every": 2,
-                                                "eval_every": 1000})
+    second = write_params(tmp_path / "b.yaml", {"optim": {"iterations": 4, "lr": 1e-3},
+                                                "loop": {"checkpoint_every": 2, "eval_every": 1000}})
     proc = subprocess.run(stage_cmd(second, manifest, out), cwd=ROOT, env=tool_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and "resuming from" not in proc.stderr
     assert len(list((out / "ckpt").iterdir())) == 1  # the stale fingerprint's folder is gone
@@ -100,8 +101,8 @@ def test_changed_params_never_resume_stale_state(manifest, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_with_gloo(manifest, tmp_path):
-    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 4, "batch_size": 2}, "checkpoint_every": 2,
-                                                      "eval_every": 1000})
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 4, "batch_size": 2},
+                                                      "loop": {"checkpoint_every": 2, "eval_every": 1000}})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "-m", *stage_cmd(params, manifest, tmp_path)[2:]]
     proc = subprocess.run(cmd, cwd=ROOT, env={**tool_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
@@ -117,7 +118,8 @@ def test_two_process_ddp_with_gloo(manifest, tmp_path):
     {"loss": {"use_ptc": False}},
 ])
 def test_ablation_switches_train(manifest, tmp_path, switches):
-    params = write_params(tmp_path / "params.yaml", {**switches, "optim": {"iterations": 2}, "eval_every": 1000})
+    params = write_params(tmp_path / "params.yaml", {**switches, "optim": {"iterations": 2},
+                                                      "loop": {"eval_every": 1000}})
     proc = subprocess.run(stage_cmd(params, manifest, tmp_path), cwd=ROOT, env=tool_env(), capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

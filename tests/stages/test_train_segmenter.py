@@ -72,9 +72,9 @@ def test_masked_loss_ignores_255_and_survives_an_all_ignored_batch():
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(inputs, tmp_path):
-    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 12}, "checkpoint_every": 4,
-                                                      "eval_every": 1000, "model": {"aux": True},
-                                                      "augment": {"jitter": 0.2}})
+    params = write_params(tmp_path / "params.yaml", {"optim": {"iterations": 12},
+                                                      "loop": {"checkpoint_every": 4, "eval_every": 1000},
+                                                      "model": {"aux": True}, "augment": {"jitter": 0.2}})
     clean = tmp_path / "clean"
     subprocess.run(stage_cmd(params, inputs, clean), cwd=ROOT, env=tool_env(), check=True, capture_output=True)
 
@@ -97,7 +97,8 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(inputs, tm
     assert (clean / "live/plots/metrics/train/loss_total.tsv").exists()
 
     # changed params never resume stale state, and the stale fingerprint's folder is pruned
-    other = write_params(tmp_path / "other.yaml", {"optim": {"iterations": 4, "lr": 0.02}, "eval_every": 1000})
+    other = write_params(tmp_path / "other.yaml", {"optim": {"iterations": 4, "lr": 0.02},
+                                                   "loop": {"eval_every": 1000}})
     proc = subprocess.run(stage_cmd(other, inputs, killed), cwd=ROOT, env=tool_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and "resuming from" not in proc.stderr
     assert len(list((killed / "ckpt").iterdir())) == 1
