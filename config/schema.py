@@ -95,6 +95,10 @@ class PrepareConfig:
     rows_per_shard: int = param(256, lo=1, hi=100_000, help="images per manifest shard")
     max_pixels: int = param(89_478_485, lo=1, help="decompression-bomb limit (width*height)")
     min_side: int = param(16, lo=1, help="reject images whose shorter side is smaller")
+    max_file_bytes: int = param(256 * 2**20, lo=1, help="reject files larger than this (bytes), unread")
+    links_outside_root: bool = param(False, help="follow links whose target is outside root (else: reject rows)")
+    duplicates: str = param("reject", choices=("reject", "keep"),
+                            help="byte-identical images after the first: reject rows, or keep with a note")
 
     def validate(self) -> None:
         if not self.splits:

@@ -6,9 +6,10 @@ What it consumes and produces, and how it resumes: the docstring of ``stages/pre
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -17,6 +18,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from config.schema import PrepareConfig
+from shards.files import read_source_file
 from shards.fingerprint import code_version, fingerprint
 from shards.images import decode_image, decode_mask, encode_mask
 from shards.io import ShardSet, atomic_write_json, write_table_atomic
@@ -27,24 +29,24 @@ from shards.records import IGNORE_INDEX, DataError, Reject, RejectError, SourceR
 log = logging.getLogger("prepare")
 
 
-def _decode(record: SourceRecord, cfg: PrepareConfig, num_classes: int, palette: list) -> dict[str, Any]:
+def _read(path: str, cfg: PrepareConfig, what: str) -> bytes:
+    return read_source_file(path, max_bytes=cfg.max_file_bytes, root=cfg.root,
+                            allow_outside=cfg.links_outside_root, what=what)
+
+
+def _decode(record: SourceRecord, cfg: PrepareConfig, num_classes: int, palette: list, note: str = "",
+            ) -> dict[str, Any]:
     """One record -> one manifest row; raises RejectError with the reason."""
     check_image_id(record.image_id)
-    try:
-        data = Path(record.image_path).read_bytes()
-    except OSError as exc:
-        raise RejectError(f"cannot read image file: {exc.strerror or exc}") from None
+    data = _read(record.image_path, cfg, "image file")
     image = decode_image(data, name=record.image_path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
     height, width = image.rgb.shape[:2]
     mask_bytes = None
     if record.mask is not None:
-        if callable(record.mask):
-            source: Any = record.mask()
+        if callable(record.mask):  # checks the size it declares against the image's before drawing
+            source: Any = record.mask(size=(width, height))
         else:
-            try:
-                source = Path(record.mask).read_bytes()
-            except OSError as exc:
-                raise RejectError(f"cannot read mask file {record.mask}: {exc.strerror or exc}") from None
+            source = _read(record.mask, cfg, f"mask file {record.mask}")
         mask = decode_mask(source, name=str(record.mask if not callable(record.mask) else record.image_path),
                            size=(width, height), num_classes=num_classes, palette=palette)
         mask_bytes = encode_mask(mask, palette)
@@ -59,20 +61,73 @@ def _decode(record: SourceRecord, cfg: PrepareConfig, num_classes: int, palette:
         "split": record.split,
         "mask": {"bytes": mask_bytes, "path": f"{record.image_id}.png"} if mask_bytes is not None else None,
         "source_path": record.image_path,
-        "notes": image.notes,
+        "notes": "; ".join(n for n in (image.notes, note) if n),
     }
 
 
-def _chunk_key(items: list[SourceRecord | Reject]) -> list[Any]:
-    """What decides a chunk's output besides params and code: its inputs' identity and file stats."""
+def _digest(path: str, cfg: PrepareConfig) -> str | None:
+    """sha256 of a source file's bytes (``None`` if it cannot be read: decoding will say why)."""
+    try:
+        return hashlib.sha256(_read(path, cfg, "file")).hexdigest()
+    except RejectError:
+        return None
+
+
+def _mask_digest(mask: Any, cfg: PrepareConfig) -> str | None:
+    if mask is None:
+        return None
+    if callable(mask):  # a COCO mask: its declared size and segmentations
+        fields = dataclasses.asdict(mask) if dataclasses.is_dataclass(mask) else repr(mask)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=repr).encode()).hexdigest()
+    return _digest(mask, cfg)
+
+
+def _screen(grouped: dict[str, list], cfg: PrepareConfig, progress: bool,
+            ) -> tuple[dict[str, list], dict[str, list], dict[str, str]]:
+    """Read every record's files once, before any decoding.
+
+    Returns the items again (a record whose image cannot be read, or whose bytes repeat an earlier image's when
+    ``duplicates: reject``, becomes a Reject), the content key of each record (digests of its image, mask and
+    other input files: what its manifest row is made of) and the notes of kept duplicates.
+    """
+    first_by_digest: dict[str, str] = {}
+    content: dict[str, list] = {}
+    notes: dict[str, str] = {}
+    screened: dict[str, list] = {}
+    total = sum(len(items) for items in grouped.values())
+    with tqdm(total=total, desc="prepare: reading", unit="file", disable=not progress) as bar:
+        for split, items in grouped.items():
+            out = screened[split] = []
+            for item in items:
+                bar.update(1)
+                if isinstance(item, Reject):
+                    out.append(item)
+                    continue
+                try:
+                    image_digest = hashlib.sha256(_read(item.image_path, cfg, "image file")).hexdigest()
+                except RejectError as exc:
+                    out.append(Reject(item.image_id, split, item.image_path, str(exc)))
+                    continue
+                first = first_by_digest.setdefault(image_digest, item.image_id)
+                if first != item.image_id:
+                    if cfg.duplicates == "reject":
+                        out.append(Reject(item.image_id, split, item.image_path, f"duplicate of {first}"))
+                        continue
+                    notes[item.image_id] = f"same bytes as {first}"
+                content[item.image_id] = [image_digest, _mask_digest(item.mask, cfg),
+                                          [_digest(path, cfg) for path in item.inputs]]
+                out.append(item)
+    return screened, content, notes
+
+
+def _chunk_key(items: list[SourceRecord | Reject], content: dict[str, list]) -> list[Any]:
+    """What decides a chunk's output besides params and code: its inputs' identity and content."""
     key = []
     for item in items:
-        path = item.image_path if isinstance(item, SourceRecord) else item.path
-        try:
-            stat = os.stat(path)
-            key.append([item.image_id, path, stat.st_size, stat.st_mtime_ns, getattr(item, "tags", None)])
-        except OSError:
-            key.append([item.image_id, path, None, None, getattr(item, "tags", None)])
+        if isinstance(item, Reject):
+            key.append([item.image_id, item.path, item.reason])
+        else:
+            key.append([item.image_id, item.image_path, item.tags, item.tag_source, content[item.image_id]])
     return key
 
 
@@ -92,10 +147,11 @@ def build_manifest(cfg: PrepareConfig, out_dir: Path, *, progress: bool = True) 
         raise DataError(f"{root}: dataset root does not exist (prepare.root in params.yaml)")
     class_names, items = open_source(
         cfg.source, root, classes_file=cfg.classes or None, splits=cfg.splits,
-        tags_from=cfg.tags_from, tags_file=cfg.tags_file or None,
+        tags_from=cfg.tags_from, tags_file=cfg.tags_file or None, max_file_bytes=cfg.max_file_bytes,
+        links_outside_root=cfg.links_outside_root,
     )
     # Reading the whole listing first makes source-level errors (unknown class names...) stop before any work.
-    grouped = _by_split(items, cfg.splits)
+    grouped, content, notes = _screen(_by_split(items, cfg.splits), cfg, progress)
     palette = voc_palette()
     code = code_version("labelling.ingest")
     producer = {"stage": "prepare", "code_version": code, "params_fingerprint": fingerprint(cfg, code=code)}
@@ -110,7 +166,7 @@ def build_manifest(cfg: PrepareConfig, out_dir: Path, *, progress: bool = True) 
             chunk = split_items[start:start + cfg.rows_per_shard]
             name = f"{split}-{number:05d}.parquet"
             keep.append(name)
-            key = fingerprint(cfg, code=code, extra=_chunk_key(chunk))
+            key = fingerprint(cfg, code=code, extra=_chunk_key(chunk, content))
             if shards.is_done(name, key):
                 entry = shards.index()[name]
                 counts[split] += entry["rows"]
@@ -124,7 +180,7 @@ def build_manifest(cfg: PrepareConfig, out_dir: Path, *, progress: bool = True) 
                                           "reason": item.reason})
                 else:
                     try:
-                        rows.append(_decode(item, cfg, len(class_names), palette))
+                        rows.append(_decode(item, cfg, len(class_names), palette, notes.get(item.image_id, "")))
                     except RejectError as exc:
                         chunk_rejects.append({"image_id": item.image_id, "split": split,
                                               "path": item.image_path, "reason": str(exc)})

@@ -8,12 +8,15 @@ engines"):
 - one worker, or one task: in this process, in order;
 - ``runtime.executor: pool`` (default): a ``concurrent.futures`` process pool started by "forkserver" (forking a
   process that already runs torch threads is unsafe); the server imports the target's module once and every
-  worker forks from it. Workers die with their parent (Linux ``PR_SET_PDEATHSIG``), so a killed stage leaves no
-  worker writing behind it;
+  worker forks from it. The server and the workers die with the stage (Linux ``PR_SET_PDEATHSIG``), so a killed
+  stage leaves no worker writing behind it;
 - ``runtime.dask_address`` set, or ``executor: dask`` with more than one worker: a ``distributed`` client on that
   scheduler or on a ``LocalCluster`` of ``num_workers`` processes that lives for the call (``dask scheduler`` +
   ``dask worker <address>`` started in a checkout of this repository, so that the targets import and ``data/`` is
   the same shared folder).
+
+A killed stage leaves no pool process behind: its forkserver gets SIGKILL when the stage dies
+(``parallel/forkserver_guard.py``), and each worker SIGTERM when the forkserver dies (tests/stages/test_kill_hygiene.py).
 
 Targets are named, not passed: a stage run as ``python -m stages.refine`` defines its functions in ``__main__``,
 which a worker cannot import. Each task is computed by the same function whatever the engine, so results are
@@ -71,12 +74,22 @@ def worker_threads(runtime: Any, workers: int | None = None) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers or runtime.num_workers))
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel sends SIGTERM to this worker when the process that started it dies."""
+PARENT_PID_ENV = "WSSS_POOL_PARENT_PID"  # the stage process that started the pool's forkserver
+
+
+def die_with_parent(sig: int = signal.SIGTERM, expected_parent: int | None = None) -> None:
+    """Linux: the kernel sends ``sig`` to this process when the process that started it dies; if that parent is
+    already gone (``expected_parent`` is not our parent any more), exit now."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def _die_with_parent() -> None:
+    die_with_parent(signal.SIGTERM)
 
 
 def _setup_worker(module: str, threads: int, init: str | None, init_args: tuple) -> None:
@@ -131,7 +144,11 @@ def map_tasks(target: str, tasks: Sequence[Any], runtime: Any, *, workers: int |
         return
     threads = worker_threads(runtime, workers)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([target.partition(":")[0]])  # the server imports torch once; workers fork from it
+    # The server imports torch once and workers fork from it. It must die with this process: each worker holds the
+    # server's "parent alive" pipe open (Python passes it to every child), so the server never sees the stage's
+    # death by itself, and the workers (PR_SET_PDEATHSIG) die only with the server: parallel/forkserver_guard.py.
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
+    context.set_forkserver_preload(["parallel.forkserver_guard", target.partition(":")[0]])
     function = resolve(target)
     with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_setup_worker,
                                 initargs=(target.partition(":")[0], threads, init, init_args)) as pool:

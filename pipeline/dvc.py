@@ -1,19 +1,23 @@
 """DVC from the orchestration layer: subprocess calls with streamed output, the DAG order, status, push.
 
 DVC owns lineage and caching (DESIGN.md §5): Prefect tasks call these functions, which run ``dvc`` in a
-subprocess with the project's virtual environment first on ``PATH`` (the stages' ``python`` is the project's).
+subprocess with the project's virtual environment first on ``PATH`` (the stages' ``python`` is the project's), in a
+process group that ends with it (:func:`dvc`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -34,37 +38,107 @@ def tool_env() -> dict[str, str]:
 
 def dvc(args: list[str], root: str | Path, *, on_line: Callable[[str], None] | None = None,
         on_progress: Callable[[str, int], None] | None = None, check: bool = True,
-        progress_every_s: float = 5.0) -> tuple[int, str]:
+        progress_every_s: float = 5.0, grace_s: float = 2.0) -> tuple[int, str]:
     """Run ``dvc <args>`` in ``root``; every output line goes to ``on_line`` as it comes.
 
     tqdm redraws (carriage returns) are not lines: a bar goes to ``on_progress(description, percent)`` and to
     ``on_line`` at most every ``progress_every_s`` seconds, and at 100 %. Returns (exit code, whole output).
+
+    ``dvc`` runs in a process group of its own, which ends with it: once ``dvc`` has exited, its output is read for
+    ``grace_s`` more seconds, then whatever is left of the group (a stage's orphaned worker holding the output pipe
+    open) is killed, so a dead stage always ends its task and leaves nothing running. An exception here (Ctrl-C, a
+    Prefect cancellation) terminates the group too.
     """
     cmd = [sys.executable, "-m", "dvc", *args]
     proc = subprocess.Popen(cmd, cwd=root, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, errors="replace")
-    output, last_bar = [], 0.0
+                            text=True, bufsize=1, errors="replace", start_new_session=True)
     assert proc.stdout is not None
-    for raw in proc.stdout:  # universal newlines: "\r" ends a line too
-        line = raw.rstrip()
-        if not line:
-            continue
-        output.append(line)
-        bar = PROGRESS.match(line.strip())
-        if bar:
-            percent = int(bar["pct"])
-            if on_progress is not None:
-                on_progress(bar["desc"], percent)
-            if time.monotonic() - last_bar < progress_every_s and percent < 100:
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    output, last_bar = [], 0.0
+    try:
+        for raw in _lines_until_done(proc, lines, grace_s, on_line):
+            line = raw.rstrip()
+            if not line:
                 continue
-            last_bar = time.monotonic()
-        if on_line is not None:
-            on_line(line)
+            output.append(line)
+            bar = PROGRESS.match(line.strip())
+            if bar:
+                percent = int(bar["pct"])
+                if on_progress is not None:
+                    on_progress(bar["desc"], percent)
+                if time.monotonic() - last_bar < progress_every_s and percent < 100:
+                    continue
+                last_bar = time.monotonic()
+            if on_line is not None:
+                on_line(line)
+    finally:
+        _end_group(proc)
+        reader.join(timeout=1.0)
+        if not reader.is_alive():  # else a process outside the group holds the pipe: leave the daemon thread be
+            proc.stdout.close()
     code = proc.wait()
     text = "\n".join(output)
     if check and code != 0:
         raise DvcError(f"dvc {' '.join(args)} failed with exit code {code}:\n" + "\n".join(output[-40:]))
     return code, text
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    """Reader thread: the subprocess's lines (universal newlines: "\\r" ends a line too), then None at EOF."""
+    try:
+        for raw in stream:
+            lines.put(raw)
+    except (OSError, ValueError):  # closed under us
+        pass
+    lines.put(None)
+
+
+def _lines_until_done(proc: subprocess.Popen, lines: queue.Queue, grace_s: float,
+                      on_line: Callable[[str], None] | None) -> Iterator[str]:
+    """The lines of ``proc``'s output until EOF, or until ``grace_s`` after it exited (then its group is killed)."""
+    exited_at = killed_at = None
+    while True:
+        try:
+            raw = lines.get(timeout=0.2)
+        except queue.Empty:
+            if proc.poll() is None:
+                continue
+            now = time.monotonic()
+            exited_at = exited_at or now
+            if killed_at is None and now - exited_at > grace_s:
+                killed_at = now
+                if _kill_group(proc.pid, signal.SIGKILL) and on_line is not None:
+                    on_line(f"(killed processes left behind by dvc (exit code {proc.returncode}), which held its "
+                            "output open)")
+            elif killed_at is not None and now - killed_at > 5.0:  # someone outside the group holds the pipe
+                return
+            continue
+        if raw is None:
+            return
+        yield raw
+
+
+def _kill_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False if the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """Terminate what is left of ``proc``'s process group: SIGTERM to a running dvc (10 s to stop), SIGKILL to
+    the rest."""
+    if proc.poll() is None and _kill_group(proc.pid, signal.SIGTERM):
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def repro(target: str, root: str | Path, *, single_item: bool = True, **kw) -> dict[str, object]:

@@ -13,7 +13,8 @@ Choices, so that nobody has to guess:
   decoded. PIL's own bomb guard still applies above ``2 * Image.MAX_IMAGE_PIXELS`` (an error, rejected);
   its warning zone is superseded by ``max_pixels``.
 - Transparency is composited onto white (what a viewer shows on a page); a fully opaque alpha is dropped.
-- 16-bit data is scaled by 255/65535 (full range to full range, no contrast stretch); 32-bit integer data
+- 16-bit data (grey, and RGB / RGBA PNGs, read at full depth) is scaled by 255/65535 (full range to full range,
+  no contrast stretch) and re-encoded as an 8-bit PNG with a note; 32-bit integer data
   in the 16-bit range likewise; float data in [0, 1] is scaled by 255, in [0, 255] rounded; anything else
   is min-max stretched (and the note says so).
 - CMYK is converted by PIL's naive formula (no ICC colour management).
@@ -38,12 +39,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from shards.files import read_source_file
 from shards.records import IGNORE_INDEX, RejectError
 
 _EXIF_ORIENTATION = 0x0112
 _GREY_MODES = ("L", "1")
 _ALPHA_MODES = ("RGBA", "LA", "RGBa", "La", "PA")
 _WHITE = 255
+MAX_MASK_BYTES = 256 * 2**20  # a mask read from a path (a PNG of a 90-megapixel image is far smaller)
 
 
 @dataclass
@@ -134,6 +137,27 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str]:
     raise RejectError(f"unsupported image mode {mode}")
 
 
+def _png_depth(data: bytes) -> tuple[int, bool]:
+    """A PNG's ``(bit depth, has colour)`` from its IHDR chunk (bytes 24 and 25 of the file)."""
+    if len(data) < 26 or data[12:16] != b"IHDR":
+        return 0, False
+    return data[24], data[25] in (2, 6)  # colour type 2 = RGB, 6 = RGBA
+
+
+def _sixteen_bit_colour(data: bytes, im: Image.Image) -> Image.Image:
+    """A 16-bit RGB(A) PNG at full depth, scaled like 16-bit grey (PIL keeps only the high byte of each sample)."""
+    import cv2  # imported here: only 16-bit colour PNGs need it
+
+    values = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if values is None or values.dtype != np.uint16 or values.ndim != 3 or values.shape[:2] != im.size[::-1]:
+        return im  # cannot read it at full depth: PIL's high bytes, still with the note
+    channels = cv2.COLOR_BGRA2RGBA if values.shape[2] == 4 else cv2.COLOR_BGR2RGB
+    scaled = np.rint(cv2.cvtColor(values, channels) * (255.0 / 65535.0)).astype(np.uint8)
+    converted = Image.fromarray(scaled, "RGBA" if scaled.shape[2] == 4 else "RGB")
+    converted.info = {k: v for k, v in im.info.items() if k != "transparency"}  # a 16-bit colour key: not ours
+    return converted
+
+
 def decode_image(data: bytes, *, name: str, max_pixels: int, min_side: int) -> DecodedImage:
     """Decode an untrusted encoded image fully; raise :class:`RejectError` for anything not usable.
 
@@ -158,6 +182,9 @@ def decode_image(data: bytes, *, name: str, max_pixels: int, min_side: int) -> D
             im.seek(0)
             notes.append(f"first of {frames} frames")
         im.load()  # force the full decode: truncated data raises here
+        if source_format == "PNG" and _png_depth(data) == (16, True):
+            im = _sixteen_bit_colour(data, im)
+            notes.append(f"16-bit {im.mode} scaled to 8-bit")
         orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
         if orientation in range(2, 9):
             im = ImageOps.exif_transpose(im)
@@ -228,8 +255,7 @@ def decode_mask(data_or_array, *, name: str, size: tuple[int, int] | None, num_c
     """
     source = data_or_array
     if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as handle:
-            source = handle.read()
+        source = read_source_file(source, max_bytes=MAX_MASK_BYTES, what="mask file")
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise RejectError(f"{name}: empty mask file (0 bytes)")

@@ -39,7 +39,8 @@ class SourceRecord:
     ``tags`` are foreground class ids (1..K); ``None`` means the source has no tags for this image (it will
     be relabelled with predicted tags later), an empty tuple means "tagged, no foreground class".
     ``mask`` is a path to a label image (palette/grey PNG of class ids, 255 = ignore), a callable that
-    returns a ``(H, W) uint8`` array of class ids (COCO renders its masks), or ``None`` (no ground truth).
+    returns a ``(H, W) uint8`` array of class ids (COCO renders its masks; called with ``size=(width, height)`` of
+    the decoded image, which it checks before drawing), or ``None`` (no ground truth).
     """
 
     image_id: str
@@ -47,7 +48,8 @@ class SourceRecord:
     image_path: str
     tags: tuple[int, ...] | None
     tag_source: str  # "xml" | "file" | "mask" | "csv" | "coco" | "generated" | "none"
-    mask: str | Callable[[], np.ndarray] | None = None
+    mask: str | Callable[..., np.ndarray] | None = None
+    inputs: tuple[str, ...] = ()  # other source files the row is made from (a VOC XML): part of its fingerprint
 
 
 @dataclass(frozen=True)

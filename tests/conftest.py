@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,56 @@ def kill_when_paused(cmd, point: str, *, cwd, log: Path, env: dict | None = None
                              f"{Path(log).read_text()[-3000:]}")
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
+
+
+def group_processes(pgid: int) -> list[str]:
+    """The live (not zombie) processes of process group ``pgid``: ``"pid cmdline"`` each, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[2]) == pgid and stat[0] != "Z":
+            found.append(f"{entry} {cmdline[:120]}")
+    return found
+
+
+def file_states(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (hidden temporaries included) with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_midway(cmd, out: Path, *, cwd, log: Path, shards: int = 1, settle_s: float = 1.5, workers: bool = True,
+                env: dict | None = None) -> dict:
+    """Run a pool stage in a process group of its own, SIGKILL its main process once ``shards`` shards are in
+    ``out``'s index (its workers are busy with the next ones), and check the process hygiene (issue 14): within
+    5 s no process of the group is left, and no file under ``out`` changes after that. Returns the files then."""
+    from shards.io import ShardSet
+
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or tool_env(), stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        while len(ShardSet(out).index()) < shards:
+            assert proc.poll() is None, f"ended ({proc.returncode}) before {shards} shards:\n{log.read_text()[-3000:]}"
+            time.sleep(0.02)
+        assert not workers or group_processes(proc.pid)[1:], "the stage runs no worker process: nothing to test"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while group_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_processes(proc.pid), f"processes outlived the killed stage: {group_processes(proc.pid)}"
+    before = file_states(out)
+    time.sleep(settle_s)
+    assert file_states(out) == before, "files changed after the stage was gone"
+    return before
 
 
 @pytest.fixture(scope="session")

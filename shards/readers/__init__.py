@@ -27,7 +27,8 @@ __all__ = ["SOURCES", "open_source", "read_voc", "read_coco", "read_folder", "vo
 
 def open_source(source: str, root: str | os.PathLike, *, classes_file: str | os.PathLike | None = None,
                 splits: Sequence[str] = ("train", "val"), tags_from: str = "auto",
-                tags_file: str | os.PathLike | None = None,
+                tags_file: str | os.PathLike | None = None, max_file_bytes: int = 256 * 2**20,
+                links_outside_root: bool = False,
                 ) -> tuple[tuple[str, ...], Iterator[SourceRecord | Reject]]:
     """Open a dataset source: ``(class names, records)``; class ids are 1..K in that order.
 
@@ -37,7 +38,8 @@ def open_source(source: str, root: str | os.PathLike, *, classes_file: str | os.
       (:func:`shards.readers.coco.coco_layout`); ``tags_from`` / ``tags_file`` are not used.
     - ``folder``: one split, ``splits[0]``; classes from ``classes_file``, else ``root/classes.txt``, else
       none (``()``: untagged images, to be labelled by a classifier); tags from ``tags_file``, else
-      ``root/tags.csv`` if present (``tags_from="none"`` ignores both).
+      ``root/tags.csv`` if present (``tags_from="none"`` ignores both); every other file under ``root`` is an
+      image or a Reject (``max_file_bytes``, ``links_outside_root``: :func:`shards.readers.folder.read_folder`).
     """
     if tags_from not in TAG_SOURCES:
         raise DataError(f"tags_from={tags_from!r} is not one of {list(TAG_SOURCES)}")
@@ -63,5 +65,6 @@ def open_source(source: str, root: str | os.PathLike, *, classes_file: str | os.
         if tags_from == "file" and tags_csv is None:
             raise DataError(f"tags_from='file' but no tags file given and no {root / FOLDER_TAGS_FILE}")
         split = splits[0] if splits else "train"
-        return class_names, read_folder(root, tags_csv=tags_csv, class_names=class_names or None, split=split)
+        return class_names, read_folder(root, tags_csv=tags_csv, class_names=class_names or None, split=split,
+                                        max_file_bytes=max_file_bytes, links_outside_root=links_outside_root)
     raise DataError(f"prepare.source={source!r} is not one of {list(SOURCES)}")

@@ -14,19 +14,23 @@ override it.
 - Image id: the file name without extension, ``/`` replaced by ``__`` (COCO_train2014_000000000009).
 - Tags: the classes of all annotations of the image, crowd ones included; an image without annotations is
   tagged "background only" (``()``); a file without an ``annotations`` list (test image info) is untagged.
-- Mask: a :class:`CocoMask` callable (picklable), rendered when called: polygons through PIL, RLE (counts
-  list or COCO's compressed string) decoded here. Overlaps: the larger class id wins. Crowd regions are
+- Mask: a :class:`CocoMask` callable (picklable), rendered when called with the decoded image's size (a
+  declared size that differs is a Reject before anything is drawn): polygons through PIL, RLE (counts list or
+  COCO's compressed string) decoded here. Overlaps: the larger class id wins. Crowd regions are
   255 (ignore, the VOC convention for regions whose pixels are not reliably labelled) unless a non-crowd
   instance covers them; ``crowd_ignore=False`` paints them with their class instead.
 
-Whole-file problems (unreadable JSON, an annotation for an unknown image or category) raise
-:class:`DataError` before any record; per-image ones (missing file, unsafe or duplicate id) are Rejects;
-a malformed segmentation makes the mask callable raise :class:`RejectError`.
+Whole-file problems (unreadable JSON, an entry that is not an object, a missing or non-integer id / size, an
+annotation for an unknown image or category) raise :class:`DataError` before any record, naming the file, the
+entry (``annotations[12]``) and the key; per-image ones (missing file, unsafe or duplicate id, a segmentation
+that is not polygons of numbers or a well-formed RLE) are Rejects naming the annotation; an RLE string that
+decodes to runs not covering the image makes the mask callable raise :class:`RejectError`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +75,8 @@ def rle_to_mask(counts: Sequence[int], height: int, width: int) -> np.ndarray:
     runs = np.asarray(counts, dtype=np.int64)
     if runs.size and runs.min() < 0:
         raise RejectError("RLE has a negative run length")
+    if runs.size and runs.max() > height * width:  # also keeps the sum below from overflowing
+        raise RejectError(f"RLE has a run of {int(runs.max())} pixels, the image has {height}x{width}")
     if int(runs.sum()) != height * width:
         raise RejectError(f"RLE covers {int(runs.sum())} pixels, the image has {height}x{width}")
     values = np.zeros(len(runs), dtype=bool)
@@ -108,18 +114,61 @@ class CocoMask:
 
     height: int
     width: int
-    shapes: tuple  # ((class id, iscrowd, segmentation), ...) in annotation order
+    shapes: tuple  # ((class id, iscrowd, segmentation, annotation index), ...) in annotation order
     crowd_ignore: bool = True
+    where: str = ""  # the annotation file, for messages
 
-    def __call__(self) -> np.ndarray:
+    def __call__(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The mask; ``size`` (the decoded image's ``(width, height)``) is checked before anything is drawn."""
+        if size is not None and tuple(size) != (self.width, self.height):
+            raise RejectError(f"{self.where}: the image entry declares {self.width}x{self.height}, the image file "
+                              f"is {size[0]}x{size[1]}")
         mask = np.zeros((self.height, self.width), dtype=np.uint8)
         crowd = [s for s in self.shapes if s[1]] if self.crowd_ignore else []
-        for _, _, segmentation in crowd:  # painted first: any single instance wins over a crowd
-            mask[_region(segmentation, self.height, self.width)] = IGNORE_INDEX
         ordered = sorted((s for s in self.shapes if not (self.crowd_ignore and s[1])), key=lambda s: s[0])
-        for class_id, _, segmentation in ordered:  # stable sort: larger class ids painted last, so they win
-            mask[_region(segmentation, self.height, self.width)] = class_id
+        # Crowds are painted first: any single instance wins over a crowd. Then by class id (a stable sort):
+        # larger class ids are painted last, so they win.
+        for class_id, crowd_flag, segmentation, index in [*crowd, *ordered]:
+            try:
+                region = _region(segmentation, self.height, self.width)
+            except RejectError as exc:
+                raise RejectError(f"{self.where}: annotations[{index}].segmentation: {exc}") from None
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise RejectError(f"{self.where}: annotations[{index}].segmentation is malformed "
+                                  f"({type(exc).__name__}: {exc})") from None
+            mask[region] = IGNORE_INDEX if self.crowd_ignore and crowd_flag else class_id
         return mask
+
+
+def segmentation_problem(segmentation) -> str | None:
+    """Why a COCO ``segmentation`` value cannot be drawn (checked when the file is read), or ``None``."""
+    if segmentation is None:
+        return None
+    if isinstance(segmentation, list):
+        for number, polygon in enumerate(segmentation):
+            if not isinstance(polygon, list):
+                return f"polygon {number} is a {type(polygon).__name__}, not a list of coordinates"
+            bad = next((v for v in polygon if isinstance(v, bool) or not isinstance(v, (int, float))
+                        or not math.isfinite(v)), _NONE)
+            if bad is not _NONE:
+                return f"polygon {number} has a non-numeric or infinite coordinate {bad!r}"
+            if len(polygon) % 2:
+                return f"polygon {number} has an odd number of coordinates ({len(polygon)})"
+        return None
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        size, counts = segmentation.get("size"), segmentation["counts"]
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            return f"RLE 'size' must be [height, width] of positive integers, not {size!r}"
+        if isinstance(counts, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+                return "RLE 'counts' list must hold non-negative integers"
+        elif not isinstance(counts, str):
+            return f"RLE 'counts' is a {type(counts).__name__}, not a string or a list"
+        return None
+    return f"unsupported segmentation of type {type(segmentation).__name__}"
+
+
+_NONE = object()
 
 
 def _load_json(path: Path) -> dict:
@@ -217,37 +266,59 @@ def read_coco(root: str | os.PathLike, *, annotation_files: Mapping[str, str | o
 
 def _plan_split(split: str, path: Path, data: dict, class_map: dict[int, int], image_dir: Path, *,
                 crowd_ignore: bool) -> tuple:
-    """Validate one file and group its annotations by image: ``(split, image_dir, [(image, shapes)])``."""
+    """Validate one file and group its annotations by image: ``(split, image_dir, [(image, shapes, problem)])``.
+
+    A structural error (an entry that is not an object, a missing or non-integer id, an unknown image or category)
+    is a :class:`DataError` naming the file, the entry and the key; a segmentation that cannot be drawn makes its
+    image a Reject (``problem``).
+    """
     images: dict[int, dict] = {}
     for number, image in enumerate(data["images"]):
-        try:
-            key, _ = int(image["id"]), str(image["file_name"])  # file_name must exist
-            int(image["height"]), int(image["width"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: images[{number}] lacks an integer id, file_name, height or width") from None
-        if key in images:
-            raise DataError(f"{path}: images[{number}]: image id {key} appears twice")
-        images[key] = image
+        if not isinstance(image, dict):
+            raise DataError(f"{path}: images[{number}] is a {type(image).__name__}, not an object")
+        for key in ("id", "height", "width"):
+            value = image.get(key)
+            if key != "id" and isinstance(value, float) and value.is_integer():
+                image = {**image, key: int(value)}  # some exporters write 480.0
+            elif not _is_int(value):
+                raise DataError(f"{path}: images[{number}].{key} is {value!r}, not an integer")
+        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            raise DataError(f"{path}: images[{number}].file_name is {image.get('file_name')!r}, not a file name")
+        if image["id"] in images:
+            raise DataError(f"{path}: images[{number}]: image id {image['id']} appears twice")
+        images[image["id"]] = image
     annotations = data.get("annotations")
+    if annotations is not None and not isinstance(annotations, list):
+        raise DataError(f"{path}: 'annotations' is a {type(annotations).__name__}, not a list")
     shapes: dict[int, list] | None = None if annotations is None else {key: [] for key in images}
+    problems: dict[int, str] = {}
     for number, annotation in enumerate(annotations or []):
+        if not isinstance(annotation, dict):
+            raise DataError(f"{path}: annotations[{number}] is a {type(annotation).__name__}, not an object")
         image_key, category = annotation.get("image_id"), annotation.get("category_id")
-        if image_key not in images:
-            raise DataError(f"{path}: annotations[{number}] refers to unknown image id {image_key!r}")
-        if category not in class_map:
-            raise DataError(f"{path}: annotations[{number}] refers to unknown category id {category!r}")
-        shapes[image_key].append((class_map[category], bool(annotation.get("iscrowd", 0)),
-                                  annotation.get("segmentation")))
-    rows = [(image, None if shapes is None else tuple(shapes[key])) for key, image in images.items()]
-    return split, image_dir, rows, crowd_ignore
+        if not _is_int(image_key) or image_key not in images:
+            raise DataError(f"{path}: annotations[{number}].image_id refers to unknown image id {image_key!r}")
+        if not _is_int(category) or category not in class_map:
+            raise DataError(f"{path}: annotations[{number}].category_id refers to unknown category id {category!r}")
+        segmentation = annotation.get("segmentation")
+        problem = segmentation_problem(segmentation)
+        if problem is not None:
+            problems.setdefault(image_key, f"{path}: annotations[{number}].segmentation: {problem}")
+        shapes[image_key].append((class_map[category], bool(annotation.get("iscrowd", 0)), segmentation, number))
+    rows = [(image, None if shapes is None else tuple(shapes[key]), problems.get(key)) for key, image in images.items()]
+    return split, path, image_dir, rows, crowd_ignore
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _records(plans: list[tuple]) -> Iterator[SourceRecord | Reject]:
     seen: set[str] = set()
-    for split, image_dir, rows, crowd_ignore in plans:
+    for split, annotation_file, image_dir, rows, crowd_ignore in plans:
         listed = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
-        for image, shapes in rows:
-            file_name = str(image["file_name"]).replace("\\", "/")
+        for image, shapes, problem in rows:
+            file_name = image["file_name"].replace("\\", "/")
             image_path = image_dir / file_name
             image_id = os.path.splitext(file_name)[0].replace("/", "__")
             try:
@@ -262,9 +333,12 @@ def _records(plans: list[tuple]) -> Iterator[SourceRecord | Reject]:
             if not (file_name in listed or ("/" in file_name and image_path.is_file())):
                 yield Reject(image_id, split, str(image_path), "image file not found")
                 continue
+            if problem is not None:
+                yield Reject(image_id, split, str(image_path), problem)
+                continue
             if shapes is None:
                 yield SourceRecord(image_id, split, str(image_path), None, "none", None)
                 continue
-            tags = tuple(sorted({class_id for class_id, _, _ in shapes}))
-            mask = CocoMask(int(image["height"]), int(image["width"]), shapes, crowd_ignore)
+            tags = tuple(sorted({class_id for class_id, _, _, _ in shapes}))
+            mask = CocoMask(image["height"], image["width"], shapes, crowd_ignore, str(annotation_file))
             yield SourceRecord(image_id, split, str(image_path), tags, "coco", mask)

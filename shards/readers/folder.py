@@ -1,7 +1,12 @@
 """Reader for a plain folder of images, optionally with a tags CSV and label masks.
 
-- Images: every file under ``root`` (recursively; hidden folders and ``root/masks/`` skipped) whose
-  extension is one of jpg, jpeg, png, bmp, webp, tif, tiff (any case), sorted by relative path.
+- Every entry under ``root`` (recursively) is accounted for, except the source's own files (``root/masks/``,
+  ``root/tags.csv``, ``root/classes.txt``, the tags CSV): a regular file whose extension is one of jpg, jpeg,
+  png, bmp, webp, tif, tiff (any case) is an image, sorted by relative path; anything else is a Reject with the
+  reason: ``unsupported format .heic``, ``not a regular file (fifo)``, ``broken link``, ``hidden file``,
+  ``hidden folder, not read``, ``link leaves the dataset root`` (unless ``links_outside_root``: then the link is
+  followed), ``link to a folder inside the dataset root, not followed`` (its files are read where they are),
+  a file over ``max_file_bytes``.
 - Id: the relative path without extension, separators replaced by ``__`` (``cats/a.jpg`` -> ``cats__a``);
   an id failing :func:`shards.records.check_image_id` (spaces, non-ASCII...) or seen before
   (``a.jpg`` and ``a.png``) is a Reject.
@@ -19,23 +24,65 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from shards.classes import read_tags_csv
+from shards.files import classify, inside
 from shards.records import DataError, Reject, RejectError, SourceRecord, check_image_id
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MASKS_DIR = "masks"
+SOURCE_FILES = (MASKS_DIR, "tags.csv", "classes.txt")  # the source's own files at the top of root: not inputs
 
 
-def _image_paths(root: Path) -> list[str]:
-    """Relative POSIX paths of the image files under ``root``, sorted."""
-    found = []
-    for folder, subfolders, files in os.walk(root):
-        relative_folder = Path(folder).relative_to(root)
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")
-                         and not (relative_folder == Path(".") and d == MASKS_DIR)]
-        for name in files:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                found.append((relative_folder / name).as_posix())
-    return sorted(found)
+def _scan(root: Path, skip: set[str], *, max_bytes: int, allow_outside: bool,
+          ) -> tuple[list[str], list[tuple[str, str]]]:
+    """``(image paths, [(path, reason), ...])`` relative to ``root`` (POSIX, sorted): every entry, one of the two."""
+    images: list[str] = []
+    refused: list[tuple[str, str]] = []
+    seen_folders = {os.path.realpath(root)}
+    stack = [""]
+    while stack:
+        relative_folder = stack.pop()
+        try:
+            with os.scandir(root / relative_folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            refused.append((relative_folder + "/", f"cannot list the folder: {exc.strerror or exc}"))
+            continue
+        for entry in entries:
+            relative = f"{relative_folder}/{entry.name}" if relative_folder else entry.name
+            if not relative_folder and entry.name in skip:
+                continue
+            is_link, is_dir = entry.is_symlink(), _is_dir(entry)
+            if entry.name.startswith("."):
+                refused.append((relative, "hidden folder, not read" if is_dir else "hidden file"))
+                continue
+            if is_dir:
+                real = os.path.realpath(entry.path)
+                if is_link and inside(real, root):
+                    refused.append((relative, "link to a folder inside the dataset root, not followed"))
+                elif is_link and not allow_outside:
+                    refused.append((relative, "link leaves the dataset root"))
+                elif real in seen_folders:
+                    refused.append((relative, "link to a folder already read"))
+                else:
+                    seen_folders.add(real)
+                    stack.append(relative)
+                continue
+            reason = classify(Path(entry.path), root, max_bytes=max_bytes, allow_outside=allow_outside)
+            extension = os.path.splitext(entry.name)[1].lower()
+            if reason is None and extension not in IMAGE_EXTENSIONS:
+                reason = f"unsupported format {extension}" if extension else "unsupported format (no extension)"
+            if reason is None:
+                images.append(relative)
+            else:
+                refused.append((relative, reason))
+    return sorted(images), sorted(refused)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links
+    except OSError:
+        return False
 
 
 def folder_image_id(relative_path: str) -> str:
@@ -44,15 +91,18 @@ def folder_image_id(relative_path: str) -> str:
 
 
 def read_folder(root: str | os.PathLike, *, tags_csv: str | os.PathLike | None = None,
-                class_names: Sequence[str] | None = None, split: str = "train",
-                ) -> Iterator[SourceRecord | Reject]:
+                class_names: Sequence[str] | None = None, split: str = "train", max_file_bytes: int = 256 * 2**20,
+                links_outside_root: bool = False) -> Iterator[SourceRecord | Reject]:
     """Records of a folder of images; the tags CSV is read and validated completely before returning."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     if tags_csv is not None and class_names is None:
         raise DataError(f"{tags_csv}: a tags CSV needs a class list (prepare.classes)")
-    relative_paths = _image_paths(root)
+    skip = set(SOURCE_FILES)
+    if tags_csv is not None and os.path.realpath(Path(tags_csv).parent) == os.path.realpath(root):
+        skip.add(Path(tags_csv).name)
+    relative_paths, refused = _scan(root, skip, max_bytes=max_file_bytes, allow_outside=links_outside_root)
     by_path = {path: folder_image_id(path) for path in relative_paths}
     known_ids = set(by_path.values())
 
@@ -72,6 +122,7 @@ def read_folder(root: str | os.PathLike, *, tags_csv: str | os.PathLike | None =
                                 f"(first at line {first_line[image_id]})")
             first_line[image_id] = line
             tags[image_id] = ids
+    orphans += [Reject(folder_image_id(path), split, str(root / path), reason) for path, reason in refused]
     return _records(root, relative_paths, by_path, tags, orphans, split)
 
 

@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from shards.classes import VOC_CLASSES, names_to_ids, read_class_list, read_tags_csv
+from shards.files import read_source_file
 from shards.images import decode_mask
 from shards.records import (
     IGNORE_INDEX,
@@ -43,6 +44,7 @@ from shards.voc_xml import read_annotation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")  # order = preference
 TAG_SOURCES = ("auto", "xml", "file", "mask", "none")
+MAX_XML_BYTES = 16 * 2**20  # an annotation XML is a few kB
 
 
 def voc_class_names(root: str | os.PathLike, classes_file: str | os.PathLike | None = None) -> tuple[str, ...]:
@@ -91,8 +93,10 @@ def _tags_file_ids(path: str | os.PathLike, class_names: Sequence[str]) -> dict[
 def _xml_tags(path: Path, class_names: Sequence[str]) -> tuple[int, ...] | str:
     """Class ids of an annotation XML, or the reason it cannot be read; unknown classes are a DataError."""
     try:
-        objects = read_annotation(path)
-    except (ET.ParseError, OSError, UnicodeDecodeError) as exc:
+        objects = read_annotation(read_source_file(path, max_bytes=MAX_XML_BYTES, what="annotation XML"))
+    except RejectError as exc:
+        return f"{path}: {exc}"
+    except (ET.ParseError, OSError, UnicodeDecodeError, ValueError) as exc:
         return f"unreadable annotation XML {path} ({exc})"
     if any(not obj.name for obj in objects):
         return f"annotation XML {path} has an object without a name"
@@ -149,10 +153,10 @@ def read_voc(root: str | os.PathLike, *, splits: Sequence[str] = ("train", "val"
             if wants_xml and f"{image_id}.xml" in xmls.get(image_id, []):
                 xml_tags[image_id] = _xml_tags(root / "Annotations" / f"{image_id}.xml", class_names)
             entries.append((split, image_id, chosen))
-    return _records(root, entries, tags_from, file_tags, xml_tags, masks, len(class_names))
+    return _records(root, entries, tags_from, file_tags, xml_tags, masks, xmls, len(class_names))
 
 
-def _records(root: Path, entries, tags_from: str, file_tags, xml_tags, masks, num_classes: int,
+def _records(root: Path, entries, tags_from: str, file_tags, xml_tags, masks, xmls, num_classes: int,
              ) -> Iterator[SourceRecord | Reject]:
     for split, image_id, outcome in entries:
         if isinstance(outcome, Reject):
@@ -175,5 +179,7 @@ def _records(root: Path, entries, tags_from: str, file_tags, xml_tags, masks, nu
         if isinstance(tags, str):  # the XML could not be read
             yield Reject(image_id, split, str(root / "Annotations" / f"{image_id}.xml"), tags)
             continue
+        xml = root / "Annotations" / f"{image_id}.xml"
         yield SourceRecord(image_id=image_id, split=split, image_path=image_path, tags=tags,
-                           tag_source=tag_source, mask=str(mask_path) if has_mask else None)
+                           tag_source=tag_source, mask=str(mask_path) if has_mask else None,
+                           inputs=(str(xml),) if f"{image_id}.xml" in xmls.get(image_id, []) else ())

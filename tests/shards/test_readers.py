@@ -314,7 +314,7 @@ def test_coco_given_class_list_and_errors(coco_root, tmp_path):
     data = json.loads(annotation.read_text())
     data["annotations"].append({"id": 9, "image_id": 99, "category_id": 1, "segmentation": []})
     write(annotation, json.dumps(data))
-    with pytest.raises(DataError, match=r"annotations\[3\] refers to unknown image id 99"):
+    with pytest.raises(DataError, match=r"annotations\[3\]\.image_id refers to unknown image id 99"):
         read_coco(coco_root, splits=("train",))
 
 
@@ -350,7 +350,9 @@ def test_folder_without_csv(folder_root):
     assert found["cats__a", "train"].mask is None
     rejects = {r.image_id: r.reason for r in items if isinstance(r, Reject)}
     assert rejects["c"] == "duplicate id" and "bad name" in rejects
-    assert len(items) == 6
+    # every other entry is accounted for too: the text file and the hidden folder are reject rows
+    assert rejects["notes"] == "unsupported format .txt" and rejects[".hidden"] == "hidden folder, not read"
+    assert len(items) == 8
 
 
 def test_folder_with_csv(folder_root, tmp_path):
