@@ -6,9 +6,13 @@ folder: ``<split>-NNNNN.parquet`` manifest shards (schema in ``shards/manifest.p
 input that could not be taken, with the reason), ``classes.json`` (class names, palette, ignore index) and
 ``index.json`` (per-shard rows, sha256, fingerprint). Every input image ends in exactly one of manifest and rejects.
 
+Every input file is read once before any decoding (``labelling/ingest.py``): only regular files inside the root,
+under ``max_file_bytes`` (``shards/files.py``); byte-identical images after the first are rejected (or noted).
+
 Resumable: the input is cut into chunks of ``rows_per_shard`` records in a fixed order; each chunk's shard carries
-a fingerprint of params, code and the chunk's input files (path, size, mtime). A rerun skips intact shards with a
-matching fingerprint and removes shards that no longer belong.
+a fingerprint of params, code and the chunk's inputs (ids, tags, and the sha256 of each row's image, mask and
+annotation files or COCO segmentations). A rerun skips intact shards with a matching fingerprint and removes shards
+that no longer belong.
 """
 
 from __future__ import annotations

@@ -32,14 +32,18 @@ TINY_RELABEL = {
 }
 
 
-def make_collection(folder: Path, n: int = 6, *, broken: bool = True, seed: int = 0) -> list[str]:
-    """``n`` untagged images (and a broken file) in ``folder``; returns the image ids."""
+def make_collection(folder: Path, n: int = 6, *, broken: bool = True, seed: int = 0, masks: bool = False) -> list[str]:
+    """``n`` untagged images (and a broken file) in ``folder``, with ``masks/`` ground truth if asked; returns the
+    image ids."""
     scratch = folder.parent / f".{folder.name}-shapes"
     shapes.run(ShapesConfig(num_train=n, num_val=1, min_side=64, max_side=96, seed=seed), scratch, progress=False)
     folder.mkdir(parents=True, exist_ok=True)
     ids = []
     for path in sorted((scratch / "JPEGImages").glob("*.jpg"))[:n]:
         shutil.copy2(path, folder / path.name)
+        if masks:
+            (folder / "masks").mkdir(exist_ok=True)
+            shutil.copy2(scratch / "SegmentationClass" / f"{path.stem}.png", folder / "masks" / f"{path.stem}.png")
         ids.append(path.stem)
     shutil.rmtree(scratch)
     if broken:

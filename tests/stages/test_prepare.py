@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,64 @@ def test_unknown_class_stops_before_any_work(tmp_path):
     with pytest.raises(Exception, match=r"tags.csv:3.*banana"):
         prepare.run(cfg, tmp_path / "m", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_an_edited_mask_or_xml_reruns_its_shard(tmp_path):
+    """Fingerprints cover every input of a row (issue 14, row 12): an edited mask used to keep its old shard."""
+    tree = tmp_path / "tree"
+    write_voc_tree(tree, n_train=4)
+    cfg = PrepareConfig(source="voc", root=str(tree), rows_per_shard=2)
+    out = tmp_path / "m"
+    prepare.run(cfg, out, progress=False)
+
+    def shard_states():
+        return {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.parquet")}
+
+    def row(image_id):
+        return next(r for r in all_rows(out, "train") if r["image_id"] == image_id)
+
+    before = shard_states()
+    mask_path = tree / "SegmentationClass/tr3.png"
+    stat = mask_path.stat()
+    mask = decode_mask_png(mask_path.read_bytes())
+    mask[25:30, 40:50] = 255  # same size, same classes: only the bytes change
+    png = Image.fromarray(mask, mode="P")
+    png.putpalette([v for rgb in voc_palette() for v in rgb])
+    png.save(mask_path)
+    os.utime(mask_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+    prepare.run(cfg, out, progress=False)
+    after = shard_states()
+    assert {n for n in after if after[n] != before[n]} == {"train-00001.parquet"}
+    assert np.array_equal(decode_mask_png(row("tr3")["mask"]["bytes"]), mask)
+
+    # An XML that keeps its tags but changes otherwise reruns its shard too.
+    xml = tree / "Annotations/tr0.xml"
+    xml.write_text(xml.read_text().replace("<xmax>30</xmax>", "<xmax>31</xmax>"))
+    prepare.run(cfg, out, progress=False)
+    again = shard_states()
+    assert {n for n in again if again[n] != after[n]} == {"train-00000.parquet"}
+
+
+def test_an_edited_coco_segmentation_reruns_its_shard(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train").mkdir(parents=True)
+    images = []
+    for number in range(1, 5):
+        Image.fromarray(np.full((32, 40, 3), number * 40, np.uint8)).save(root / "train" / f"i{number}.png")
+        images.append({"id": number, "file_name": f"i{number}.png", "width": 40, "height": 32})
+    annotations = [{"id": n, "image_id": n, "category_id": 1, "segmentation": [[2, 2, 20, 2, 20, 20]]}
+                   for n in range(1, 5)]
+    data = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "cat"}]}
+    (root / "annotations").mkdir()
+    (root / "annotations/instances_train.json").write_text(json.dumps(data))
+    cfg = PrepareConfig(source="coco", root=str(root), splits=("train",), rows_per_shard=2)
+    out = tmp_path / "m"
+    prepare.run(cfg, out, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.parquet")}
+    annotations[3]["segmentation"] = [[2, 2, 30, 2, 30, 25]]
+    (root / "annotations/instances_train.json").write_text(json.dumps(data))
+    prepare.run(cfg, out, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.parquet")}
+    assert {n for n in after if after[n] != before[n]} == {"train-00001.parquet"}
+    mask = decode_mask_png(all_rows(out, "train")[3]["mask"]["bytes"])
+    assert mask[10, 28] == 1  # inside the new polygon only

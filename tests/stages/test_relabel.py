@@ -77,3 +77,28 @@ def test_a_bad_collection_name_is_refused(relabelled, tmp_path):
     root, params, _, _ = relabelled
     with pytest.raises(ValueError, match="collection name"):
         relabel.run(params, "Bad Name", root / "inbox" / "holiday", root / "classifier", tmp_path, progress=False)
+
+
+def test_an_edited_ground_truth_mask_is_taken_on_the_next_run(tmp_path):
+    """Issue 14, row 12: the manifest fingerprint covered image stats and tags only, so a relabelled collection
+    kept reporting the mIoU of its old masks."""
+    import numpy as np
+    from PIL import Image
+
+    inbox = tmp_path / "inbox" / "walk"
+    ids = make_collection(inbox, 4, broken=False, masks=True)
+    classifier = make_classifier(tmp_path / "classifier")
+    params = build(Params, TINY_RELABEL)
+    first = relabel.run(params, "walk", inbox, classifier, tmp_path / "out", progress=False)
+    assert first["metrics"]["gt_images"] == 4
+    edited = inbox / "masks" / f"{ids[0]}.png"
+    mask = Image.open(edited)
+    values = np.asarray(mask).copy()
+    values[values != 255] = 0  # the objects of one image become background
+    blank = Image.fromarray(values, "P")
+    blank.putpalette(mask.getpalette())
+    blank.save(edited)
+    again = relabel.run(params, "walk", inbox, classifier, tmp_path / "out", progress=False)
+    fresh = relabel.run(params, "walk", inbox, classifier, tmp_path / "fresh", progress=False)
+    assert again["version"] == first["version"]
+    assert again["metrics"]["miou"] == fresh["metrics"]["miou"] != first["metrics"]["miou"]
