@@ -25,6 +25,7 @@ from parallel import shard_map
 from refinement.chain import check_methods, refine_chunk
 from shards.boxes import mask_boxes
 from shards.cams import decode_affinity, decode_cams, decode_fg
+from shards.corrections import corrections_of, load_correction
 from shards.fingerprint import code_version, fingerprint, hash_params
 from shards.images import decode_mask_png, decode_rgb, encode_mask, long_side_size, resize_long
 from shards.io import ShardSet, atomic_write_json, read_metadata
@@ -49,6 +50,8 @@ class ShardTask:
     palette: tuple[tuple[int, ...], ...]
     producer: tuple[tuple[str, str], ...]
     device: str
+    corrections_dir: str | None = None  # a correction set (shards/corrections.py)
+    corrected: tuple[str, ...] = ()  # the ids of this shard it corrects
 
 
 def refine_shard(task: ShardTask) -> dict[str, Any]:
@@ -62,6 +65,7 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
     work = [long_side_size(r["height"], r["width"], min(p.max_side, max(r["height"], r["width"]))) for r in cams]
     order = sorted(range(len(cams)), key=lambda i: (work[i], i))  # similar sizes share a PAR batch
     confusion, gt_images, rows = ConfusionMatrix(num_classes), 0, [None] * len(cams)
+    uncorrected, gt_uncorrected = ConfusionMatrix(num_classes), 0
     for start in range(0, len(order), p.batch_size):
         chunk = order[start: start + p.batch_size]
         # a writeable copy: torch and pydensecrf refuse PIL's read-only buffers
@@ -73,21 +77,36 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
             row, height, width = cams[i], cams[i]["height"], cams[i]["width"]
             if mask.shape != (height, width):
                 mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+            provenance, labels = "pseudo", row["classes"]
+            if row["image_id"] in task.corrected:  # a human's mask wins over the pseudo label
+                mask, confidence, provenance = load_correction(task.corrections_dir, row["image_id"]), 1.0, "corrected"
+                if mask.shape != (height, width):
+                    raise ValueError(f"{task.corrections_dir}: correction of {row['image_id']} is "
+                                     f"{mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}")
+                labels = sorted(int(v) for v in np.unique(mask) if 0 < v < num_classes)
             ignore_fraction, pixels = mask_stats(mask, num_classes)
             truth = manifest[i]["mask"]
             if truth and truth.get("bytes"):
-                confusion.update(decode_mask_png(truth["bytes"]), mask)
+                truth_mask = decode_mask_png(truth["bytes"])
+                confusion.update(truth_mask, mask)
                 gt_images += 1
+                if provenance == "pseudo":
+                    uncorrected.update(truth_mask, mask)
+                    gt_uncorrected += 1
             rows[i] = {"image_id": row["image_id"], "split": row["split"], "image": manifest[i]["image"],
                        "mask": {"bytes": encode_mask(mask, task.palette), "path": f"{row['image_id']}.png"},
-                       "labels": row["classes"], "tag_source": row["tag_source"], "height": height, "width": width,
+                       "labels": labels, "tag_source": row["tag_source"], "provenance": provenance,
+                       "height": height, "width": width,
                        "ignore_fraction": ignore_fraction, "confidence": confidence, "pixels": pixels,
                        "boxes": mask_boxes(mask, num_classes, min_pixels=p.boxes.min_pixels,
                                            connectivity=p.boxes.connectivity)}
     schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods)
     return ShardSet(task.out_dir).write(task.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=task.key,
                                         split=task.name.rsplit("-", 1)[0], gt_images=gt_images,
-                                        confusion=confusion.matrix.tolist())
+                                        confusion=confusion.matrix.tolist(),
+                                        **({"corrected": len(task.corrected), "gt_uncorrected": gt_uncorrected,
+                                            "confusion_uncorrected": uncorrected.matrix.tolist()}
+                                           if task.corrected else {}))
 
 
 def first_cam_row(cams_dir: Path) -> dict[str, Any] | None:
@@ -110,8 +129,13 @@ def run_tasks(tasks: list[ShardTask], bar: tqdm, runtime) -> None:
 
 
 def refine_cams(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
-                overlays_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Refine every CAM shard; returns {computed, skipped, removed, images, seconds, metrics}."""
+                overlays_dir: Path | None = None, progress: bool = True,
+                corrections_dir: Path | None = None) -> dict[str, Any]:
+    """Refine every CAM shard; returns {computed, skipped, removed, images, seconds, metrics}.
+
+    ``corrections_dir``: a correction set (shards/corrections.py) whose masks replace the pseudo masks of their
+    images; a shard's fingerprint includes the corrections of its images, so only shards holding one rerun.
+    """
     p: RefineParams = params.refine
     check_methods(p.methods, first_cam_row(cams_dir), str(cams_dir))
     device = params.runtime.device
@@ -129,17 +153,25 @@ def refine_cams(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metri
     model = read_metadata(cams_dir / min(cam_index))["producer"]["model_fingerprint"] if cam_index else ""
     producer = {"stage": "refine", "code_version": code, "params_fingerprint": hash_params(shard_params)[:32],
                 "model_fingerprint": model}  # the classifier behind the CAMs
+    corrections = corrections_of(corrections_dir, classes["class_names"])
     shards = ShardSet(out_dir)
     tasks, skipped = [], []
     for name in sorted(cam_index):
-        key = fingerprint(shard_params, code=code, extra={"cams": cam_index[name]["sha256"], "device": device,
-                                                          "manifest": manifest_index[name]["sha256"]})
+        extra = {"cams": cam_index[name]["sha256"], "device": device, "manifest": manifest_index[name]["sha256"]}
+        corrected = {}
+        if corrections:
+            ids = pq.ParquetFile(cams_dir / name).read(columns=["image_id"]).column("image_id").to_pylist()
+            corrected = {image_id: corrections[image_id] for image_id in ids if image_id in corrections}
+        if corrected:  # only then: the key of a shard without corrections stays what it was
+            extra["corrections"] = corrected
+        key = fingerprint(shard_params, code=code, extra=extra)
         if shards.is_done(name, key):
             skipped.append(name)
             continue
         tasks.append(ShardTask(name, str(cams_dir / name), str(manifest_dir / name), str(out_dir), key, p,
                                tuple(classes["class_names"]), tuple(map(tuple, classes["palette"])),
-                               tuple(sorted(producer.items())), device))
+                               tuple(sorted(producer.items())), device,
+                               str(corrections_dir) if corrected else None, tuple(sorted(corrected))))
     images = sum(cam_index[t.name]["rows"] for t in tasks)
     bar = tqdm(total=images, desc="refine", unit="img", disable=not progress)
     started = time.perf_counter()

@@ -6,6 +6,7 @@
     python -m pipeline produce [STAGE ...]                             the training DAG as a flow run
     python -m pipeline relabel NAME                                    one collection as a flow run
     python -m pipeline inbox                                           one relabel-inbox flow run, now
+    python -m pipeline corrections <data/export or NAME> <folder>      import corrected masks (versioned by DVC)
     python -m pipeline deps [--check]                                  dvc.yaml code deps from the import graph
     python -m pipeline params [--check] [FILE ...]                     params comments from the schema's help
     python -m pipeline preset NAME [--out FILE]                        write a preset (config/presets/) as params
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     one = commands.add_parser("relabel", help="relabel one collection as a flow")
     one.add_argument("name")
     commands.add_parser("inbox", help="run relabel-inbox once, now")
+    fix = commands.add_parser("corrections", help="import corrected masks (CVAT / Label Studio export: VOC PNGs or "
+                                                  "COCO JSON) for a package or a collection")
+    fix.add_argument("target", help="the package folder (data/export) or a collection name")
+    fix.add_argument("folder", help="the exported masks")
     deps = commands.add_parser("deps", help="regenerate dvc.yaml's code deps from the import graph")
     deps.add_argument("--check", action="store_true", help="only check; exit 1 when dvc.yaml is out of date")
     docs = commands.add_parser("params", help="rewrite params files' key comments from the schema's help texts")
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "corrections":
+        from pipeline import corrections
+
+        return corrections.run(root, args.target, args.folder, cfg.collections_dir)
     if args.command == "collections":
         for name in read_collections(root):
             current = read_current(root / cfg.collections_dir, name) or {}

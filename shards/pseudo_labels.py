@@ -3,7 +3,8 @@
 One row per image (DESIGN.md §4): ``image_id``, ``split``, ``image`` (the manifest's stored bytes, struct
 bytes/path as a Hugging Face ``Image``), ``mask`` (palette PNG of class ids at the image's size: 0 background,
 1..K classes, 255 ignore), ``labels`` (the class ids the mask may contain: the CAM shard's classes), ``tag_source``
-("given" | "predicted"), ``height``, ``width``, ``ignore_fraction`` (share of 255 pixels), ``confidence`` (see
+("given" | "predicted"), ``provenance`` ("pseudo": refined from the CAMs; "corrected": a human correction imported
+with ``python -m pipeline corrections``, shards/corrections.py, which replaces the pseudo mask), ``height``, ``width``, ``ignore_fraction`` (share of 255 pixels), ``confidence`` (see
 ``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum), ``pixels`` (pixel count
 of every class 0..K; 255 pixels are not counted) and ``boxes`` (per-instance boxes for detection: one per connected
 component of each class in the mask, ``{label, x0, y0, x1, y1, pixels}``, 0-based with exclusive ``x1``/``y1``; see
@@ -35,6 +36,7 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("mask", IMAGE_TYPE),
     ("labels", pa.list_(pa.int64())),  # int64: what a Hugging Face ClassLabel reads as class names
     ("tag_source", pa.string()),
+    ("provenance", pa.string()),
     ("height", pa.int32()),
     ("width", pa.int32()),
     ("ignore_fraction", pa.float32()),
@@ -59,6 +61,7 @@ def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[i
         # ids 1..K index the full name list (0 = background), so ClassLabel names include background
         "labels": {"feature": {"names": list(class_names), "_type": "ClassLabel"}, "_type": "Sequence"},
         "tag_source": value,
+        "provenance": value,
         "height": {"dtype": "int32", "_type": "Value"},
         "width": {"dtype": "int32", "_type": "Value"},
         "ignore_fraction": {"dtype": "float32", "_type": "Value"},
@@ -94,17 +97,27 @@ def pseudo_label_metrics(folder: str | Path, class_names: Sequence[str], splits:
     """
     folder = Path(folder)
     confusion, gt_images, stats = ConfusionMatrix(len(class_names)), 0, []
+    uncorrected, gt_uncorrected, corrected = ConfusionMatrix(len(class_names)), 0, 0
     for name, entry in sorted(ShardSet(folder).index().items()):
         if entry.get("split") not in splits:
             continue
         confusion.matrix += np.asarray(entry["confusion"], dtype=np.int64)
         gt_images += entry["gt_images"]
+        uncorrected.matrix += np.asarray(entry.get("confusion_uncorrected", entry["confusion"]), dtype=np.int64)
+        gt_uncorrected += entry.get("gt_uncorrected", entry["gt_images"])
+        corrected += entry.get("corrected", 0)
         stats.append(pq.ParquetFile(folder / name).read(columns=["ignore_fraction", "confidence"]))
     table = pa.concat_tables(stats) if stats else None
 
     def mean(column: str) -> float | None:
         return round(float(table[column].to_numpy().mean()), 4) if table is not None and table.num_rows else None
 
-    return {**confusion.summary(class_names), "images": table.num_rows if table is not None else 0,
-            "gt_images": gt_images, "splits": list(splits), "methods": list(methods),
-            "mean_ignore_fraction": mean("ignore_fraction"), "mean_confidence": mean("confidence")}
+    result = {**confusion.summary(class_names), "images": table.num_rows if table is not None else 0,
+              "gt_images": gt_images, "splits": list(splits), "methods": list(methods),
+              "mean_ignore_fraction": mean("ignore_fraction"), "mean_confidence": mean("confidence"),
+              "corrected_images": corrected}
+    if corrected:  # the pseudo labels' own quality: over the images no human corrected
+        summary = uncorrected.summary(class_names)
+        result["uncorrected"] = {"miou": summary["miou"], "coverage": summary.get("coverage"),
+                                 "gt_images": gt_uncorrected}
+    return result

@@ -16,6 +16,12 @@ process that runs torch is unsafe); every shard is computed by the same function
 N processes write identical bytes. Shard fingerprint = the shard-deciding params + the CAM and manifest shards'
 sha256 + code version + device type; each shard's confusion matrix is kept in the index, so a resumed run still
 reports metrics over every shard.
+
+Corrections (``--corrections``, default ``data/corrections/dataset``, written by ``python -m pipeline corrections``;
+``shards/corrections.py``): the corrected mask of an image replaces its pseudo mask (``provenance: corrected``,
+confidence 1). The fingerprint of a shard holding a corrected image includes that correction's sha256, so importing
+corrections reruns only those shards. ``metrics/pseudo_labels.json`` reports all images and, under
+``uncorrected``, the images no human corrected. A correction set of another class list stops the stage (exit 2).
 """
 
 from __future__ import annotations
@@ -28,23 +34,32 @@ from config.cli import stage_arguments
 from config.schema import Params, load_params_or_exit
 from labelling.pseudo_labels import first_cam_row, refine_cams
 from refinement.chain import check_methods
+from shards.corrections import CORRECTIONS_DIR, DATASET_TARGET, corrections_of
+from shards.manifest import read_classes
 
 
 def run(params: Params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
-        overlays_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
+        overlays_dir: Path | None = None, progress: bool = True,
+        corrections_dir: Path | None = None) -> dict[str, Any]:
     """The CAM shards as pseudo-label shards; returns {computed, skipped, removed, images, seconds, metrics}."""
-    return refine_cams(params, cams_dir, manifest_dir, out_dir, metrics_path, overlays_dir, progress=progress)
+    return refine_cams(params, cams_dir, manifest_dir, out_dir, metrics_path, overlays_dir, progress=progress,
+                       corrections_dir=corrections_dir)
 
 def main(argv: list[str] | None = None) -> int:
     args = stage_arguments(__doc__, argv, cams="data/cams", manifest="data/manifest", out="data/pseudo_labels",
-                           metrics="metrics/pseudo_labels.json", overlays="metrics/overlays")
+                           metrics="metrics/pseudo_labels.json", overlays="metrics/overlays",
+                           corrections=(f"{CORRECTIONS_DIR}/{DATASET_TARGET}",
+                                        "correction set whose masks replace the pseudo masks (absent: none)"))
     params = load_params_or_exit(args.params)
+    corrections = Path(args.corrections) if Path(args.corrections).is_dir() else None
     try:
         check_methods(params.refine.methods, first_cam_row(Path(args.cams)), args.cams)
-    except ValueError as exc:
+        corrections_of(corrections, read_classes(Path(args.manifest))["class_names"])
+    except ValueError as exc:  # CorrectionError is a ValueError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(params, Path(args.cams), Path(args.manifest), Path(args.out), Path(args.metrics), Path(args.overlays))
+    run(params, Path(args.cams), Path(args.manifest), Path(args.out), Path(args.metrics), Path(args.overlays),
+        corrections_dir=corrections)
     return 0
 
 

@@ -39,6 +39,7 @@ from labelling import cams as cam_dump
 from labelling import pseudo_labels
 from labelling.ingest import build_manifest
 from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, version_name
+from shards.corrections import CORRECTIONS_DIR
 from shards.fingerprint import classifier_fingerprint, hash_params
 from shards.io import atomic_write_bytes, atomic_write_json
 from shards.records import DataError
@@ -120,8 +121,11 @@ def write_tags_csv(path: Path, per_image: list[dict[str, Any]]) -> None:
 
 
 def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_dir: Path,
-        progress: bool = True) -> dict[str, Any]:
-    """Relabel one collection into ``out_dir/<version>/``; returns its summary."""
+        progress: bool = True, corrections_dir: Path | None = None) -> dict[str, Any]:
+    """Relabel one collection into ``out_dir/<version>/``; returns its summary.
+
+    ``corrections_dir``: the collection's correction set (``python -m pipeline corrections <name> <folder>``), whose
+    masks replace the pseudo masks of their images in every version (shards/corrections.py)."""
     started = time.perf_counter()
     check_name(name)
     images_dir, classifier_dir, out_dir = Path(images_dir), Path(classifier_dir), Path(out_dir)
@@ -146,7 +150,8 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
     timings["dump_cams"] = round(time.perf_counter() - tick, 2)
     tick = time.perf_counter()
     refined = pseudo_labels.refine_cams(cfg, work / "cams", work / "manifest", work / "pseudo_labels",
-                                        work / "metrics.json", work / "overlays", progress=progress)
+                                        work / "metrics.json", work / "overlays", progress=progress,
+                                        corrections_dir=corrections_dir)
     timings["refine"] = round(time.perf_counter() - tick, 2)
 
     summary = {
@@ -155,7 +160,7 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
         **summarize(work, list(config["class_names"])),
         "computed_shards": {"dump_cams": len(cams["computed"]), "refine": len(refined["computed"])},
         "metrics": {k: refined["metrics"].get(k) for k in ("miou", "coverage", "gt_images", "mean_ignore_fraction",
-                                                           "mean_confidence")},
+                                                           "mean_confidence", "corrected_images", "uncorrected")},
         "overlays": sorted(p.name for p in (work / "overlays").glob("*.png")),
         "params": {"dump_cams": to_dict(cfg.dump_cams), "refine": to_dict(cfg.refine),
                    "prepare": {k: to_dict(getattr(cfg.prepare, k)) for k in ("max_pixels", "min_side")}},
@@ -173,10 +178,14 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
 def main(argv: list[str] | None = None) -> int:
     args = stage_arguments(__doc__, argv, name=(None, "collection name (collections.yaml)"),
                            images=(None, "the collection's folder"), classifier="data/classifier",
-                           out=(None, "data/collections/<name>"))
+                           out=(None, "data/collections/<name>"),
+                           corrections=("", "the collection's correction set (default: data/corrections/<name>; "
+                                            "absent: none)"))
     params = load_params_or_exit(args.params)
+    corrections = Path(args.corrections or f"{CORRECTIONS_DIR}/{args.name}")
     try:
-        run(params, args.name, Path(args.images), Path(args.classifier), Path(args.out))
+        run(params, args.name, Path(args.images), Path(args.classifier), Path(args.out),
+            corrections_dir=corrections if corrections.is_dir() else None)
     except (DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

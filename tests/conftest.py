@@ -15,6 +15,7 @@ from shards.fingerprint import CODE_FOLDERS
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", *CODE_FOLDERS, "pipeline"]
 PROJECT_FILES.append("collections.yaml")  # dvc.yaml reads it (vars): the relabel@<collection> stages
+PROJECT_FILES.append("data/corrections/README.md")  # keeps data/corrections, a dependency of refine and relabel
 
 # A tiny preset of every stage: the whole DAG on CPU in well under a minute.
 TINY = {
@@ -65,6 +66,7 @@ def make_project(dest: Path, params: dict) -> Path:
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     (dest / ".dvc").mkdir(exist_ok=True)
     shutil.copy2(ROOT / ".dvc/config", dest / ".dvc/config")

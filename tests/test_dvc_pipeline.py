@@ -93,3 +93,40 @@ def test_a_refine_change_reruns_only_what_follows_then_the_seed_options_in_one_e
     pseudo = json.loads((project / "metrics/pseudo_labels.json").read_text())
     assert pseudo["methods"] == ["fg_prior", "random_walk", "par", "crf"]
     assert "seconds_per_step" in json.loads((project / "metrics/classifier.json").read_text())
+
+
+def test_imported_corrections_rerun_only_their_shards_and_reach_the_package(trained_copy):
+    """`python -m pipeline corrections data/export <folder>` then `dvc repro`: refine recomputes the shard holding
+    the corrected images, export / train_segmenter / evaluate follow, and the package carries them as corrected."""
+    import sys
+
+    from shards.images import decode_mask_png
+
+    project = trained_copy
+    shard = sorted((project / "data/pseudo_labels").glob("train-*.parquet"))[-1]
+    manifest = {r["image_id"]: r for r in pq.read_table(project / "data/manifest" / shard.name).to_pylist()}
+    chosen = sorted(manifest)[:2]
+    folder = project / "cvat-export" / "SegmentationClass"
+    folder.mkdir(parents=True)
+    for image_id in chosen:  # the ground truth stands for a human's correction
+        (folder / f"{image_id}.png").write_bytes(manifest[image_id]["mask"]["bytes"])
+    (folder / "not-an-image-of-ours.png").write_bytes(manifest[chosen[0]]["mask"]["bytes"])
+    done = run([sys.executable, "-m", "pipeline", "corrections", "data/export", "cvat-export"], project)
+    assert "2 masks imported" in done.stdout and "rejected" in done.stderr, done.stdout + done.stderr
+    assert (project / "data/corrections/dataset.dvc").is_file()
+    changed = json.loads(run(["dvc", "status", "--json"], project).stdout)
+    assert "refine" in changed and not UPSTREAM_OF_REFINE & set(changed), changed
+
+    again = run(["dvc", "repro"], project)
+    ran = stages_run(again.stdout)
+    assert {"refine", "export", "train_segmenter", "evaluate"} <= ran and not UPSTREAM_OF_REFINE & ran, ran
+    shards = len(list((project / "data/pseudo_labels").glob("*.parquet")))
+    assert f"in 1 shards ({shards - 1} reused)" in again.stdout + again.stderr
+    package = [r for f in sorted((project / "data/export/data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    corrected = {r["image_id"]: r for r in package if r["provenance"] == "corrected"}
+    assert sorted(corrected) == chosen
+    for image_id in chosen:
+        assert (decode_mask_png(corrected[image_id]["mask"]["bytes"])
+                == decode_mask_png(manifest[image_id]["mask"]["bytes"])).all()
+    metrics = json.loads((project / "metrics/pseudo_labels.json").read_text())
+    assert metrics["corrected_images"] == 2 and "uncorrected" in metrics

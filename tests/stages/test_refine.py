@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 pytest.importorskip("pydensecrf.densecrf")
 
@@ -191,3 +192,37 @@ def test_box_params_decide_the_boxes_and_the_shard_fingerprint(inputs, tmp_path)
     for row in rows:
         assert row["boxes"] == mask_boxes(read_mask(row), num_classes, min_pixels=1, connectivity=4)
     assert sum(map(len, (row["boxes"] for row in rows))) > sum(map(len, default_boxes))  # specks now count
+
+
+def test_a_correction_replaces_its_mask_and_reruns_only_its_shard(inputs, tmp_path):
+    from shards.corrections import Target, import_corrections
+    from shards.manifest import read_classes
+
+    root, manifest, _ = inputs
+    out = tmp_path / "pseudo"
+    shutil.copytree(root / "pseudo", out)
+    classes = read_classes(manifest)
+    rows = {r["image_id"]: r for r in rows_of(out)}
+    chosen = pq.read_table(out / "train-00001.parquet").column("image_id").to_pylist()[0]
+    height, width = rows[chosen]["height"], rows[chosen]["width"]
+    fixed = np.zeros((height, width), np.uint8)
+    fixed[: height // 2, : width // 2] = 1
+    export = tmp_path / "export"
+    export.mkdir()
+    image = Image.fromarray(fixed, "P")
+    image.putpalette([v for rgb in classes["palette"] for v in rgb])
+    image.save(export / f"{chosen}.png")
+    target = Target("dataset", tuple(classes["class_names"]), tuple(map(tuple, classes["palette"])),
+                    {i: (r["width"], r["height"]) for i, r in rows.items()})
+    assert import_corrections(export, tmp_path / "set", target)["imported"] == [chosen]
+
+    result = refine.run(make_params(), root / "cams", manifest, out, progress=False, corrections_dir=tmp_path / "set")
+    assert result["computed"] == ["train-00001.parquet"]  # the other shards are reused
+    after = {r["image_id"]: r for r in rows_of(out)}
+    assert after[chosen]["provenance"] == "corrected" and after[chosen]["confidence"] == 1.0
+    assert np.array_equal(read_mask(after[chosen]), fixed) and after[chosen]["labels"] == [1]
+    assert all(r["provenance"] == "pseudo" for i, r in after.items() if i != chosen)
+    metrics = result["metrics"]
+    assert metrics["corrected_images"] == 1 and metrics["uncorrected"]["gt_images"] == metrics["gt_images"] - 1
+    again = refine.run(make_params(), root / "cams", manifest, out, progress=False, corrections_dir=tmp_path / "set")
+    assert again["computed"] == []
