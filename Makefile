@@ -38,11 +38,12 @@ test-fast: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# Prefect (README "Prefect: the pipeline in the UI"): `make server` in one terminal (the UI at http://127.0.0.1:4200),
-# `make serve` in another (the relabel-inbox deployment on orchestration.relabel_cron, plus produce and relabel).
+# Prefect (README "Prefect: the pipeline in the UI"): `make server` in one terminal (the project's server at
+# orchestration.api_url, default http://127.0.0.1:4200/api; the UI without /api), `make serve` in another (the
+# relabel-inbox deployment on orchestration.relabel_cron, plus produce and relabel).
 .PHONY: server serve
 server: setup
-	prefect server start --host 127.0.0.1
+	$(PY) -m pipeline server
 
 serve: setup
 	$(PY) -m pipeline serve

@@ -55,9 +55,11 @@ class ShapesConfig:
 class OrchestrationConfig:
     """``orchestration``: the Prefect deployment that relabels new collections on a schedule (pipeline/)."""
 
-    relabel_cron: str = param("*/30 * * * *", help="cron schedule of the relabel-inbox deployment")
+    relabel_cron: str = param("*/30 * * * *",
+                              help="cron schedule of the relabel-inbox deployment (a 6th field: seconds)")
     deployment: str = param("relabel-inbox", help="name of the served deployment")
-    api_url: str = param("http://127.0.0.1:4200/api", help="Prefect server API (PREFECT_API_URL wins if set)")
+    api_url: str = param("http://127.0.0.1:4200/api",
+                          help="the project's Prefect server (make server); PREFECT_API_URL wins if set")
     inbox: str = param("data/inbox", help="folder whose sub-folders are collections")
     collections_dir: str = param("data/collections", help="pseudo-label versions per collection")
     push: bool = param(True, help="dvc push after relabelling (skipped when no remote is configured)")
@@ -68,7 +70,8 @@ class OrchestrationConfig:
 
     def validate(self) -> None:
         if len(self.relabel_cron.split()) not in (5, 6):
-            raise ValueError(f"relabel_cron: {self.relabel_cron!r} is not a cron expression (5 fields)")
+            raise ValueError(f"relabel_cron: {self.relabel_cron!r} is not a cron expression "
+                             "(5 fields, or 6 with seconds last)")
 
 
 SOURCES = ("shapes", "voc", "coco", "folder")

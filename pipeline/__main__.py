@@ -2,7 +2,8 @@
 
     python -m pipeline register <folder or fsspec URL> [--name NAME]   a new collection (relabel@NAME in dvc.yaml)
     python -m pipeline collections                                     registered collections and their versions
-    python -m pipeline serve                                           the deployments, on a running Prefect server
+    python -m pipeline server                                          the project's Prefect server (api_url)
+    python -m pipeline serve                                           the deployments, on the project's server
     python -m pipeline produce [STAGE ...]                             the training DAG as a flow run
     python -m pipeline relabel NAME                                    one collection as a flow run
     python -m pipeline inbox                                           one relabel-inbox flow run, now
@@ -11,8 +12,9 @@
     python -m pipeline params [--check] [FILE ...]                     params comments from the schema's help
     python -m pipeline preset NAME [--out FILE]                        write a preset (config/presets/) as params
 
-Run from the repository root (``--root`` otherwise). ``serve`` needs ``prefect server start --host 127.0.0.1``
-in another terminal; the other flow commands use that server when PREFECT_API_URL is set, else a temporary one.
+Run from the repository root (``--root`` otherwise). ``serve``, ``produce``, ``relabel`` and ``inbox`` talk to the
+project's Prefect server, ``PREFECT_API_URL`` when set, else ``orchestration.api_url``: start it in another terminal
+with ``make server`` (``python -m pipeline server``); without one they stop with exit status 2.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("path", help="a folder, or any fsspec URL of one (s3://..., memory://...)")
     reg.add_argument("--name", help="collection name (default: from the folder name)")
     commands.add_parser("collections", help="list the registered collections and their current versions")
-    commands.add_parser("serve", help="serve the deployments (needs a running Prefect server)")
+    commands.add_parser("server", help="start the project's Prefect server (at orchestration.api_url)")
+    commands.add_parser("serve", help="serve the deployments (needs the project's Prefect server)")
     prod = commands.add_parser("produce", help="run the training DAG as a flow")
     prod.add_argument("stages", nargs="*", help="stages to run (default: all, in dependency order)")
     one = commands.add_parser("relabel", help="relabel one collection as a flow")
@@ -94,13 +97,26 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"collection": name, "version": current.get("version"), "images": summary.get("images"),
                               "predicted": summary.get("predicted"), "rejects": summary.get("rejects")}))
         return 0
-    if args.command == "serve":
-        os.environ.setdefault("PREFECT_API_URL", cfg.api_url)  # before prefect is imported: its settings read it
-        from pipeline.serve import check_server, serve
+    from pipeline.serve import serve, server_answers, server_command, use_project_server
 
-        check_server(os.environ["PREFECT_API_URL"])
-        print(f"serving against {os.environ['PREFECT_API_URL']}; the UI is at "
-              f"{os.environ['PREFECT_API_URL'].removesuffix('/api')}", flush=True)
+    api_url = use_project_server(cfg)  # PREFECT_API_URL, exported before anything imports prefect
+    if args.command == "server":
+        if server_answers(api_url):
+            print(f"a Prefect server already answers at {api_url}", file=sys.stderr)
+            return 0
+        try:
+            command = server_command(api_url)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: its telemetry only errors
+        os.execv(sys.executable, [sys.executable, "-m", *command])
+    if not server_answers(api_url):
+        print(f"error: no Prefect server answers at {api_url}: run `make server` in another terminal "
+              f"(or set PREFECT_API_URL / orchestration.api_url)", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        print(f"serving against {api_url}; the UI is at {api_url.removesuffix('/api')}", flush=True)
         serve(root, cfg)
         return 0
     from pipeline import flows

@@ -1,4 +1,4 @@
-"""Serve the deployments against a running Prefect server (``prefect server start --host 127.0.0.1``).
+"""Serve the deployments against the project's Prefect server (``make server``, at ``orchestration.api_url``).
 
 ``relabel-inbox`` (``orchestration.deployment``) runs on ``orchestration.relabel_cron``; ``produce`` and
 ``relabel`` (one collection, by name) are served beside it without a schedule, to be run from the UI or with
@@ -7,23 +7,41 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from config.schema import OrchestrationConfig
 
 
-def check_server(api_url: str, timeout: float = 5.0) -> None:
-    """A clear error when no Prefect server answers at ``api_url`` (``flow.serve`` needs a real one)."""
+def use_project_server(cfg: OrchestrationConfig) -> str:
+    """The API URL of the project's Prefect server: ``PREFECT_API_URL`` when set, else ``orchestration.api_url``.
+
+    Exported as ``PREFECT_API_URL``, before prefect is imported (its settings read the environment once): without
+    it, a prefect client starts a throwaway temporary server and the runs never reach the UI.
+    """
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ["PREFECT_API_URL"] = cfg.api_url
+    return os.environ["PREFECT_API_URL"]
+
+
+def server_answers(api_url: str, timeout: float = 5.0) -> bool:
+    """Whether a Prefect server answers ``GET <api_url>/health``."""
     try:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
-            if response.status == 200:
-                return
-    except (urllib.error.URLError, OSError):
-        pass
-    raise SystemExit(f"error: no Prefect server at {api_url}. Start one in another terminal:\n"
-                     f"  prefect server start --host 127.0.0.1\n(or set PREFECT_API_URL / orchestration.api_url)")
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def server_command(api_url: str) -> list[str]:
+    """``prefect server start`` on the host and port of ``api_url`` (``http://HOST:PORT/api``)."""
+    url = urllib.parse.urlsplit(api_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"orchestration.api_url: {api_url!r} is not an http://HOST:PORT/api URL")
+    return ["prefect", "server", "start", "--host", url.hostname, "--port", str(url.port or 4200)]
 
 
 def serve(root: Path, cfg: OrchestrationConfig) -> None:
