@@ -32,7 +32,7 @@ from shards.io import ShardSet, atomic_write_json, read_metadata
 from shards.manifest import read_classes
 from shards.metrics import ConfusionMatrix
 from shards.overlays import write_overlays
-from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
+from shards.pseudo_labels import label_score, mask_stats, pseudo_label_metrics, pseudo_label_schema
 
 log = logging.getLogger("refine")
 REPORT_ONLY = ("eval_splits", "overlays")  # decide metrics and plots, not shard bytes: not in the fingerprint
@@ -97,7 +97,9 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
                        "mask": {"bytes": encode_mask(mask, task.palette), "path": f"{row['image_id']}.png"},
                        "labels": labels, "tag_source": row["tag_source"], "provenance": provenance,
                        "height": height, "width": width,
-                       "ignore_fraction": ignore_fraction, "confidence": confidence, "pixels": pixels,
+                       "ignore_fraction": ignore_fraction, "confidence": confidence,
+                       "label_score": 1.0 if provenance == "corrected" else label_score(confidence, ignore_fraction),
+                       "pixels": pixels,
                        "boxes": mask_boxes(mask, num_classes, min_pixels=p.boxes.min_pixels,
                                            connectivity=p.boxes.connectivity)}
     schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods)

@@ -85,8 +85,10 @@ def class_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def image_rows(summary: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-    return [{"image": r["image_id"], "tags": " ".join(r["tags"]), "tag_source": r["tag_source"],
-             "scores": _fmt(r["scores"]), "confidence": r["confidence"], "ignore_fraction": r["ignore_fraction"]}
+    """The ``limit`` most doubtful images (``per_image`` is sorted by ``label_score``, lowest first)."""
+    return [{"image": r["image_id"], "label_score": r.get("label_score"), "tags": " ".join(r["tags"]),
+             "tag_source": r["tag_source"], "scores": _fmt(r["scores"]), "confidence": r["confidence"],
+             "ignore_fraction": r["ignore_fraction"]}
             for r in summary["per_image"][:limit]]
 
 

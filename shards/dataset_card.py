@@ -59,6 +59,22 @@ def _quality_text(quality: Mapping[str, Any] | None) -> str:
             "only the pixels the labels do not ignore, so read it together with coverage.\n")
 
 
+def _score_text(scores: Mapping[str, Any]) -> str:
+    """The label-score distribution per split: quantiles and a text histogram (empty without scores)."""
+    parts = []
+    for split, summary in scores.items():
+        if not summary.get("images"):
+            continue
+        peak = max(summary["histogram"]) or 1
+        bars = "\n".join(f"| {i / 10:.1f}-{(i + 1) / 10:.1f} | {n} | {'#' * round(20 * n / peak)} |"
+                         for i, n in enumerate(summary["histogram"]))
+        parts.append(f"`label_score` of `{split}` ({summary['images']} images, {summary['corrected']} corrected by "
+                     f"hand): min {summary['min']}, 10 % {summary['p10']}, 25 % {summary['p25']}, median "
+                     f"{summary['median']}, 75 % {summary['p75']}, max {summary['max']}.\n\n"
+                     f"| score | images | |\n| --- | --- | --- |\n{bars}\n")
+    return "\n".join(parts)
+
+
 def render_card(info: Mapping[str, Any]) -> str:
     header = yaml.safe_dump(card_header(info), sort_keys=False, allow_unicode=True, width=120,
                             default_flow_style=None)  # short lists (colours, scales) on one line
@@ -100,6 +116,7 @@ Pixel share in `{first}` (of all pixels; the rest is ignored) and IoU against gr
 ## Quality
 
 {_quality_text(info['quality'])}
+{_score_text(info.get('label_scores') or {})}
 ## Load it
 
 ```python
@@ -110,7 +127,9 @@ names = ds["{first}"].features["labels"].feature.names
 ```
 
 Columns: `image_id`, `split`, `image`, `mask`, `labels` (class ids present), `tag_source` (given | predicted),
-`height`, `width`, `ignore_fraction`, `confidence`, `pixels` (pixel count per class id), `boxes` (for detection:
+`provenance` (pseudo | corrected: a human's mask), `height`, `width`, `ignore_fraction`, `confidence` (mean max-class
+probability over the labelled pixels), `label_score` (confidence x labelled share: sort by it, lowest first, to
+review the doubtful masks), `pixels` (pixel count per class id), `boxes` (for detection:
 one box per connected region of a class in the mask, `{{label, x0, y0, x1, y1, pixels}}`, 0-based pixel coordinates
 with `x1`, `y1` exclusive; regions too small to be objects are left out).
 

@@ -169,6 +169,20 @@ def write_split(sources: Sequence[Path], split: str, out_dir: Path, *, rows_per_
     return summary
 
 
+def score_summary(out_dir: Path, shards: Sequence[str]) -> dict[str, Any]:
+    """The distribution of the rows' ``label_score`` (quantiles and a 10-bin histogram over [0, 1]) and the count of
+    corrected rows, for the dataset card."""
+    tables = [pq.read_table(Path(out_dir) / name, columns=["label_score", "provenance"]) for name in shards]
+    scores = np.concatenate([t["label_score"].to_numpy() for t in tables]) if tables else np.zeros(0)
+    corrected = sum(int(pc.sum(pc.equal(t["provenance"], "corrected")).as_py() or 0) for t in tables)
+    if not scores.size:
+        return {"images": 0, "corrected": corrected}
+    quantiles = np.quantile(scores, [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+    return {"images": int(scores.size), "corrected": corrected,
+            **{key: round(float(v), 4) for key, v in zip(("min", "p10", "p25", "median", "p75", "max"), quantiles)},
+            "histogram": [int(v) for v in np.histogram(scores, bins=10, range=(0.0, 1.0))[0]]}
+
+
 def write_voc_lists(out_dir: Path, class_names: Sequence[str], ids_by_split: Mapping[str, Sequence[str]]) -> list[str]:
     """``ImageSets/Segmentation/<split>.txt`` and ``classes.txt`` of the VOC folder; returns the paths written."""
     written = []

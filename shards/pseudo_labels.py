@@ -5,7 +5,8 @@ bytes/path as a Hugging Face ``Image``), ``mask`` (palette PNG of class ids at t
 1..K classes, 255 ignore), ``labels`` (the class ids the mask may contain: the CAM shard's classes), ``tag_source``
 ("given" | "predicted"), ``provenance`` ("pseudo": refined from the CAMs; "corrected": a human correction imported
 with ``python -m pipeline corrections``, shards/corrections.py, which replaces the pseudo mask), ``height``, ``width``, ``ignore_fraction`` (share of 255 pixels), ``confidence`` (see
-``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum), ``pixels`` (pixel count
+``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum), ``label_score`` (the per-image trust score reviewers sort by, worst
+first: :func:`label_score`; 1 for a corrected mask), ``pixels`` (pixel count
 of every class 0..K; 255 pixels are not counted) and ``boxes`` (per-instance boxes for detection: one per connected
 component of each class in the mask, ``{label, x0, y0, x1, y1, pixels}``, 0-based with exclusive ``x1``/``y1``; see
 ``shards/boxes.py``).
@@ -41,6 +42,7 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("ignore_fraction", pa.float32()),
     ("confidence", pa.float32()),
+    ("label_score", pa.float32()),
     ("pixels", pa.list_(pa.int64())),
     ("boxes", pa.list_(pa.struct([  # label int64 as in `labels`; coordinates int32 as height/width
         ("label", pa.int64()), ("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()),
@@ -66,6 +68,7 @@ def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[i
         "width": {"dtype": "int32", "_type": "Value"},
         "ignore_fraction": {"dtype": "float32", "_type": "Value"},
         "confidence": {"dtype": "float32", "_type": "Value"},
+        "label_score": {"dtype": "float32", "_type": "Value"},
         "pixels": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "Sequence"},
         # a list of dicts is a one-element JSON list, which `datasets` (old versions and 5.x alike) reads as
         # list<struct>, the column's type; {"_type": "Sequence"} of a dict would mean a struct of lists, and
@@ -75,6 +78,14 @@ def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[i
                    "pixels": {"dtype": "int64", "_type": "Value"}}],
     })
     return with_metadata(PSEUDO_LABEL_SCHEMA, meta, hf)
+
+
+def label_score(confidence: float, ignore_fraction: float) -> float:
+    """How far a pseudo mask can be trusted, in [0, 1]: the mean max-class probability over its labelled pixels
+    (``confidence``) times the labelled share of the image (``1 - ignore_fraction``). A mask is doubtful when the
+    refiners were unsure where they labelled, or left much of the image unlabelled; its Spearman correlation with
+    the true per-image IoU is measured by ``bench/bench_label_score.py`` (bench/RESULTS.md)."""
+    return round(float(confidence) * (1.0 - float(ignore_fraction)), 4)
 
 
 def mask_stats(mask: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> tuple[float, list[int]]:

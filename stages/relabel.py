@@ -74,8 +74,8 @@ def labelling_fingerprint(params: Params) -> str:
 def summarize(work: Path, class_names: list[str]) -> dict[str, Any]:
     """Counts, rejects and per-class figures, read from the shards' small columns (never a mask)."""
     rows = [row for path in sorted((work / "pseudo_labels").glob("*.parquet"))
-            for row in pq.read_table(path, columns=["image_id", "labels", "tag_source", "confidence",
-                                                    "ignore_fraction", "pixels"]).to_pylist()]
+            for row in pq.read_table(path, columns=["image_id", "labels", "tag_source", "provenance", "confidence",
+                                                    "label_score", "ignore_fraction", "pixels"]).to_pylist()]
     scores = {row["image_id"]: dict(zip(row["classes"], row["scores"]))
               for path in sorted((work / "cams").glob("*.parquet"))
               for row in pq.read_table(path, columns=["image_id", "classes", "scores"]).to_pylist()}
@@ -94,8 +94,9 @@ def summarize(work: Path, class_names: list[str]) -> dict[str, Any]:
         entry["pixel_share"] = round(entry["pixels"] / total_pixels, 4)
     images = [{"image_id": r["image_id"], "tags": [class_names[k] for k in r["labels"]], "tag_source": r["tag_source"],
                "scores": [_rounded(scores.get(r["image_id"], {}).get(k)) for k in r["labels"]],
-               "confidence": round(r["confidence"], 4), "ignore_fraction": round(r["ignore_fraction"], 4)}
-              for r in rows]
+               "confidence": round(r["confidence"], 4), "ignore_fraction": round(r["ignore_fraction"], 4),
+               "label_score": round(r["label_score"], 4), "provenance": r["provenance"]}
+              for r in sorted(rows, key=lambda r: (r["label_score"], r["image_id"]))]  # the most doubtful first
     return {
         "images": len(rows), "rejects": len(rejects),
         "predicted": sum(r["tag_source"] == "predicted" for r in rows),
