@@ -67,6 +67,8 @@ class OrchestrationConfig:
     retries: int = param(2, lo=0, help="retries of a failed dvc repro task (stages resume, not restart)")
     retry_delay_s: int = param(10, lo=0, help="seconds between retries")
     summary_rows: int = param(50, lo=0, help="rows of the per-image table artifact")
+    review_rows: int = param(200, lo=0, help="rows of a relabelled version's review.html (lowest confidence "
+                                            "first); 0 = no page")
 
     def validate(self) -> None:
         if len(self.relabel_cron.split()) not in (5, 6):
@@ -280,6 +282,8 @@ class ExportParams:
                                  "ImageSets/)")
     license: str = param("unknown", help="licence id for the dataset card (Hugging Face / SPDX id)")
     name: str = param("", help="the card's title; empty = '<source> pseudo labels'")
+    review_rows: int = param(200, lo=0, help="rows of review.html, the package's review page (lowest confidence "
+                                            "first); 0 = no page")
 
     def validate(self) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits):

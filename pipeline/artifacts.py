@@ -1,7 +1,8 @@
 """What a run shows in the Prefect UI, built from the stages' JSON summaries and metrics (never from tensors).
 
 Every run publishes: a markdown summary (counts, rejects, timings, which classifier and params), a per-class table,
-links to overlay images, a rejects table and a progress artifact. The builders are plain functions (markdown text,
+links to overlay images and to the review page (``review.html``, shards/review.py), a rejects table and a progress
+artifact. The builders are plain functions (markdown text,
 table rows) so that they can be tested without a server; ``publish_*`` hand them to Prefect.
 """
 
@@ -15,6 +16,7 @@ from typing import Any, Iterable
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from shards.fingerprint import classifier_fingerprint
+from shards.review import REVIEW_NAME
 
 
 def artifact_key(*parts: str) -> str:
@@ -73,6 +75,10 @@ def collection_markdown(name: str, status: str, current: dict[str, Any] | None, 
                    f"{p.get('refine', {}).get('thresholds', {}).get('high')}, "
                    f"low {p.get('refine', {}).get('thresholds', {}).get('low')}"),
     ]
+    review = summary.get("review")
+    if review:
+        rows.append(("review page", f"`{folder / summary['version'] / review['file']}`: the {review['rows']} "
+                                    "lowest-confidence images; open the file in a browser"))
     lines.append(_table(rows))
     if summary.get("reject_rows"):
         lines += ["", "## Rejects", "", "| image | path | reason |", "| --- | --- | --- |"]
@@ -112,6 +118,30 @@ def publish_collection(name: str, status: str, current: dict[str, Any] | None, f
     create_table_artifact(image_rows(summary, rows_limit), key=f"{key}-tags",
                           description=f"{name}: tags behind the pseudo labels (first {rows_limit} images)")
     publish_overlays(folder / summary["version"] / "overlays", key, f"{name} {summary['version']}")
+    if summary.get("review"):
+        publish_review(folder / summary["version"] / summary["review"]["file"], key, f"{name} {summary['version']}")
+
+
+def review_markdown(page: Path, title: str) -> str:
+    """A link to a review page, with its path in words: browsers refuse ``file://`` links on an http page (the
+    Prefect UI), so the reader may have to paste the path into the address bar."""
+    page = Path(page).resolve()
+    return (f"# Review page: {title}\n\n"
+            "The lowest-confidence images as thumbnails (image | pseudo mask | CAM), their tags, tag source, "
+            "confidence and ignored share; sortable, filterable by class. One self-contained HTML file, no server.\n\n"
+            f"Path: `{page}`\n\n"
+            "Browsers do not open `file://` links from the Prefect UI (an http page): copy the path above into the "
+            f"address bar, or open the file from a file manager.\n\n[{page.name}]({page.as_uri()})")
+
+
+def publish_review(page: Path, key: str, title: str) -> None:
+    """A markdown artifact (``<key>-review``) and a link artifact pointing at ``page``, when it exists."""
+    page = Path(page).resolve()
+    if not page.is_file():
+        return
+    create_markdown_artifact(review_markdown(page, title), key=f"{key}-review", description=f"review page: {title}")
+    create_link_artifact(page.as_uri(), link_text=f"review page {title}",
+                         description=f"{title}: review page (open the file in a browser: {page})")
 
 
 def publish_overlays(folder: Path, key: str, title: str) -> None:
@@ -172,3 +202,4 @@ def publish_produce(root: Path, results: list[dict[str, Any]], params: dict[str,
     create_table_artifact(rejects or [{"image": "", "path": "", "reason": "no rejects"}], key="produce-rejects",
                           description="inputs prepare could not take")
     publish_overlays(root / "metrics" / "overlays", "produce", "pseudo labels")
+    publish_review(root / "data" / "export" / REVIEW_NAME, "produce", "the exported package")

@@ -89,6 +89,8 @@ def render_card(info: Mapping[str, Any]) -> str:
     prov = info["provenance"]
     voc = (f"- `{info['voc']}/`: the same labels as a VOC tree (`JPEGImages/`, `SegmentationClass/` palette PNGs, "
            "`Annotations/` box XMLs, `ImageSets/Segmentation/<split>.txt`, `classes.txt`)\n") if info["voc"] else ""
+    review = (f"- `{info['review']}`: a review page to open in a browser: thumbnails of the lowest-confidence "
+              "images and their masks, sortable and filterable by class\n") if info.get("review") else ""
     return f"""---
 {header}---
 
@@ -136,7 +138,7 @@ with `x1`, `y1` exclusive; regions too small to be objects are left out).
 ## Files
 
 - `data/<split>-NNNNN-of-NNNNN.parquet`: the rows, {info['row_group_size']} rows per row group
-{voc}- `package.json`: this card's facts for programs; `SHA256SUMS`: check with `sha256sum -c SHA256SUMS`
+{voc}{review}- `package.json`: this card's facts for programs; `SHA256SUMS`: check with `sha256sum -c SHA256SUMS`
 
 ## Provenance
 

@@ -6,6 +6,7 @@ Layout (``PACKAGE_VERSION`` 1)::
         README.md                               dataset card: YAML header + how to use (shards/dataset_card.py)
         package.json                            the same facts for programs: version, classes, palette, splits
         SHA256SUMS                              sha256 of every other file; ``sha256sum -c SHA256SUMS`` checks it
+        review.html                             review page: the lowest-confidence rows as thumbnails (shards/review.py)
         data/<split>-00000-of-00002.parquet     pseudo-label rows (schema: shards/pseudo_labels.py)
         voc/JPEGImages/<id>.jpg|.png            optional VOC-style copy: images as stored,
         voc/SegmentationClass/<id>.png          the pseudo masks (palette PNG, 255 = ignore),

@@ -6,7 +6,8 @@ never published), ``data/manifest/classes.json`` (classes, palette) and, when pr
 layout of ``shards/package.py``: ``data/<split>-NNNNN-of-NNNNN.parquet`` re-sharded to ``export.rows_per_shard``
 rows with ``export.row_group_size``-row groups (the columns and schema metadata of the pseudo-label shards, so
 ``datasets.load_dataset("parquet", data_dir=...)`` decodes images, masks and class names), the dataset card
-``README.md``, ``package.json``, an optional VOC-style ``voc/`` folder and ``SHA256SUMS`` over everything.
+``README.md``, ``package.json``, an optional VOC-style ``voc/`` folder, the review page ``review.html`` (the
+``export.review_rows`` lowest-confidence images with thumbnails, shards/review.py) and ``SHA256SUMS`` over everything.
 
 Every file is written to a temporary name and ``os.replace``-d into place; files of an earlier package that the
 new one does not have are removed; the result is a pure function of inputs and params (same bytes every run), so a
@@ -44,6 +45,7 @@ from shards.package import (
     write_split,
     write_voc_lists,
 )
+from shards.review import REVIEW_NAME, worst_rows, write_review
 
 log = logging.getLogger("export")
 
@@ -79,6 +81,25 @@ def split_info(summary: dict[str, Any], class_names: list[str]) -> dict[str, Any
             "pixel_share": {n: round(c / max(total, 1), 6) for n, c in zip(class_names, summary["pixels"])},
             "ignored_pixel_share": round(summary["ignored_pixels"] / max(total, 1), 6),
             "pixels": summary["pixels"], "ignored_pixels": summary["ignored_pixels"]}
+
+
+def write_package_review(out_dir: Path, sources: list[Path], info: dict[str, Any], palette: list[list[int]],
+                         rows: int) -> dict[str, Any]:
+    """``review.html``: the ``rows`` lowest-confidence images of the package (no CAM column: CAMs are not part of
+    the package)."""
+    chosen, total = worst_rows(sources, rows)
+    prov = info["provenance"]
+    quality = info["quality"] or {}
+    facts = [("package", info["name"]),
+             ("splits", ", ".join(f"{s} {v['images']} images" for s, v in info["splits"].items())),
+             ("refiners", " + ".join(info["methods"]) or "thresholds only"),
+             ("classifier", prov["classifier_fingerprint"]),
+             ("refine code / params", f"{prov['code_version']} / {prov['params_fingerprint']}"),
+             ("quality", f"mIoU {quality['miou']} %, coverage {quality['coverage']} on {quality['gt_images']} "
+                         "images with ground truth" if quality else "unknown (no ground truth)")]
+    return write_review(out_dir / REVIEW_NAME, chosen, info["class_names"], palette, title=f"Review: {info['name']}",
+                        max_rows=rows, total=total, facts=facts, rows_param="export.review_rows",
+                        ignore_index=info["ignore_index"])
 
 
 def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
@@ -124,12 +145,19 @@ def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, met
         "splits": {split: split_info(s, names) for split, s in summaries.items()},
         "label_scores": {split: score_summary(out_dir, s["shards"]) for split, s in summaries.items()},
         "voc": VOC_DIR if cfg.voc else None,
+        "review": REVIEW_NAME if cfg.review_rows else None,
         "quality": read_quality(metrics_path),
         "provenance": provenance(params, meta),
     }
     write_info(out_dir, info)
     info = json.loads((out_dir / INFO_NAME).read_text())  # the card renders exactly what package.json says
     atomic_write_bytes(out_dir / CARD_NAME, render_card(info).encode())
+    if cfg.review_rows:
+        page = write_package_review(out_dir, [p for files in sources.values() for p in files], info, meta["palette"],
+                                    cfg.review_rows)
+        written.append(REVIEW_NAME)
+        log.info("export: %s shows the %d lowest-confidence of %d images (%.1f kB)", REVIEW_NAME, page["rows"],
+                 page["total"], page["bytes"] / 1e3)
     removed = remove_stale(out_dir, [*written, INFO_NAME, CARD_NAME, CHECKSUMS_NAME])
     sums = write_checksums(out_dir)
     seconds = time.perf_counter() - started

@@ -10,6 +10,8 @@ predicts, ``tag_source: predicted``, with scores) and ``refine`` (METHODS.md §2
         <classifier fp>-<params fp>/      one version per classifier and labelling params, never overwritten
             manifest/  cams/  pseudo_labels/   shard sets (pseudo_labels: Parquet + palette-PNG masks, HF-loadable)
             overlays/*.png                 image | CAM | pseudo mask | ground truth
+            review.html                    review page: the ``orchestration.review_rows`` lowest-confidence images
+                                           (image | pseudo mask | CAM thumbnails, tags, scores; shards/review.py)
             tags.csv                       the tags used, given or predicted (the folder reader's format)
             summary.json                   counts, rejects, per-class figures, timings, classifier and params
             metrics.json                   pseudo-label metrics (mIoU only where the collection has masks/)
@@ -41,8 +43,9 @@ from labelling.ingest import build_manifest
 from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, version_name
 from shards.corrections import CORRECTIONS_DIR
 from shards.fingerprint import classifier_fingerprint, hash_params
-from shards.io import atomic_write_bytes, atomic_write_json
+from shards.io import atomic_write_bytes, atomic_write_json, read_metadata
 from shards.records import DataError
+from shards.review import REVIEW_NAME, cam_rows, worst_rows, write_review
 
 log = logging.getLogger("relabel")
 SPLIT = "train"  # a collection is one split: pseudo labels are for training
@@ -121,6 +124,25 @@ def write_tags_csv(path: Path, per_image: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
+def write_version_review(work: Path, summary: dict[str, Any], rows: int) -> dict[str, Any]:
+    """``review.html`` of one version: the ``rows`` lowest-confidence images, with their CAMs and the classifier's
+    scores beside the tags."""
+    shards = sorted((work / "pseudo_labels").glob("*.parquet"))
+    meta = read_metadata(shards[0])
+    chosen, total = worst_rows(shards, rows)
+    cams = cam_rows(sorted((work / "cams").glob("*.parquet")), [r["image_id"] for r in chosen])
+    metrics = summary["metrics"]
+    facts = [("collection", summary["collection"]), ("version", summary["version"]),
+             ("classifier", summary["classifier"]), ("labelling params", summary["params_fingerprint"]),
+             ("images", f"{summary['images']} labelled of {summary['inputs']} inputs, {summary['rejects']} rejected"),
+             ("tags", f"{summary['predicted']} predicted by the classifier, {summary['given']} given"),
+             ("mean confidence / ignored", f"{metrics.get('mean_confidence')} / {metrics.get('mean_ignore_fraction')}")]
+    return write_review(work / REVIEW_NAME, chosen, meta["class_names"], meta["palette"],
+                        title=f"Review: collection {summary['collection']}, version {summary['version']}",
+                        max_rows=rows, total=total, cams=cams, facts=facts, rows_param="orchestration.review_rows",
+                        ignore_index=meta["ignore_index"])
+
+
 def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_dir: Path,
         progress: bool = True, corrections_dir: Path | None = None) -> dict[str, Any]:
     """Relabel one collection into ``out_dir/<version>/``; returns its summary.
@@ -167,6 +189,14 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
                    "prepare": {k: to_dict(getattr(cfg.prepare, k)) for k in ("max_pixels", "min_side")}},
         "timings": {**timings, "total": round(time.perf_counter() - started, 2)},
     }
+    summary["review"] = None
+    if params.orchestration.review_rows and summary["images"]:
+        tick = time.perf_counter()
+        page = write_version_review(work, summary, params.orchestration.review_rows)
+        summary["review"] = {"file": REVIEW_NAME, "rows": page["rows"], "bytes": page["bytes"]}
+        summary["timings"]["review"] = round(time.perf_counter() - tick, 2)
+    else:
+        (work / REVIEW_NAME).unlink(missing_ok=True)  # no stale page of an earlier run with other settings
     write_tags_csv(work / "tags.csv", summary["per_image"])
     atomic_write_json(work / SUMMARY_FILE, summary)
     atomic_write_json(out_dir / CURRENT_FILE, {"version": version, "classifier": classifier,

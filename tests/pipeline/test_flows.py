@@ -58,13 +58,16 @@ def test_relabel_inbox_relabels_a_new_folder_once(prefect_harness, project):
     artifacts = by_key(artifacts_of([state.state_details.flow_run_id, *[r.id for r in children]]))
     for key in ("relabel-inbox-summary", "relabel-inbox-rejects", "relabel-inbox-progress", "relabel-holiday-summary",
                 "relabel-holiday-classes", "relabel-holiday-rejects", "relabel-holiday-tags",
-                "relabel-holiday-overlays", "relabel-holiday-progress"):
+                "relabel-holiday-overlays", "relabel-holiday-review", "relabel-holiday-progress"):
         assert key in artifacts, f"{key} missing from {sorted(k for k in artifacts if k)}"
     assert "broken" in json.dumps(artifacts["relabel-inbox-rejects"][0].data)
     assert "broken" in json.dumps(artifacts["relabel-holiday-rejects"][0].data)
     assert any(a.type == "markdown" and "](file://" in a.data for a in artifacts.get(None, []))  # link artifacts
     assert artifacts["relabel-inbox-progress"][0].data == 100.0
     assert "predicted" in artifacts["relabel-holiday-summary"][0].data
+    page = version / "review.html"
+    assert page.is_file() and f"`{page.resolve()}`" in artifacts["relabel-holiday-review"][0].data  # path in words
+    assert "| review page |" in artifacts["relabel-holiday-summary"][0].data
 
     again = relabel_inbox(str(project), return_state=True)
     assert again.is_completed() and again.result()["relabelled"] == []

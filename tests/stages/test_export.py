@@ -2,7 +2,9 @@
 
 import io
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,11 +39,36 @@ def test_rerun_gives_the_same_bytes_and_a_reshard_leaves_no_stale_file(inputs, t
     result = export.run(export_params(rows_per_shard=100, voc=False, splits=("train",)), inputs["pseudo"],
                         inputs["manifest"], out, None, progress=False)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "README.md", "SHA256SUMS", "data/train-00000-of-00001.parquet", "package.json"]
+        "README.md", "SHA256SUMS", "data/train-00000-of-00001.parquet", "package.json", "review.html"]
     assert "data/val-00000-of-00001.parquet" in result["removed"] and not (out / "voc").exists()
     assert first["splits"] == {"train": 7, "val": 3} and result["splits"] == {"train": 7}
     info = json.loads((out / "package.json").read_text())
     assert info["quality"] is None  # no metrics file given: the card says quality is unknown
+    verify_package(out)
+
+
+def review_ids(page: Path) -> list[str]:
+    return re.findall(r'<tr data-id="([^"]+)"', page.read_text())
+
+
+def test_the_review_page_is_listed_deterministic_and_capped(inputs, package, tmp_path):
+    sums = (package / "SHA256SUMS").read_text()
+    assert re.search(r"^[0-9a-f]{64}  review\.html$", sums, re.M)
+    rows = [r for f in sorted(inputs["pseudo"].glob("*.parquet"))
+            for r in pq.read_table(f, columns=["image_id", "confidence"]).to_pylist()]
+    worst = [r["image_id"] for r in sorted(rows, key=lambda r: (r["confidence"], r["image_id"]))]
+    assert review_ids(package / "review.html") == worst  # both splits, all 10 rows: review_rows is 200
+    info = json.loads((package / "package.json").read_text())
+    assert info["review"] == "review.html" and "`review.html`: a review page" in (package / "README.md").read_text()
+    out = tmp_path / "export"
+    export.run(export_params(review_rows=3), inputs["pseudo"], inputs["manifest"], out, progress=False)
+    page = (out / "review.html").read_bytes()
+    assert review_ids(out / "review.html") == worst[:3] and b"3 of 10 images" in page
+    export.run(export_params(review_rows=3), inputs["pseudo"], inputs["manifest"], out, progress=False)
+    assert (out / "review.html").read_bytes() == page
+    result = export.run(export_params(review_rows=0), inputs["pseudo"], inputs["manifest"], out, progress=False)
+    assert result["removed"] == ["review.html"] and "review.html" not in (out / "SHA256SUMS").read_text()
+    assert json.loads((out / "package.json").read_text())["review"] is None
     verify_package(out)
 
 

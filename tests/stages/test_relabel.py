@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -48,6 +49,11 @@ def test_predicted_tags_are_recorded_and_the_broken_image_is_rejected(relabelled
     assert [c["class"] for c in summary["per_class"]][:2] == ["background", "disc"]
     assert sum(c["images"] for c in summary["per_class"][1:]) == sum(len(r["labels"]) for r in rows.values())
     assert len(list((version / "overlays").glob("*.png"))) == 2
+    page = (version / "review.html").read_text()
+    worst = [r["image_id"] for r in sorted(rows.values(), key=lambda r: (r["confidence"], r["image_id"]))]
+    assert re.findall(r'<tr data-id="([^"]+)"', page) == worst  # all 6 images, lowest confidence first
+    assert "<th>CAM</th>" in page and page.count('<img class="cam"') == 6 and "orchestration.review_rows" in page
+    assert summary["review"] == {"file": "review.html", "rows": 6, "bytes": len(page.encode())}
     current = read_current(root / "out", "holiday")
     assert current["version"] == summary["version"] and current["summary"]["images"] == 6
     assert summary["version"] == f"{summary['classifier'][:12]}-{summary['params_fingerprint'][:12]}"
@@ -61,8 +67,13 @@ def test_rerun_reuses_every_shard_and_new_params_make_a_new_version(relabelled):
     assert again["version"] == summary["version"] and again["computed_shards"] == {"dump_cams": 0, "refine": 0}
     # speed-only and report-only params do not make a new version
     faster = dataclasses.replace(params, runtime=dataclasses.replace(params.runtime, num_workers=2),
-                                 refine=dataclasses.replace(params.refine, overlays=1))
+                                 refine=dataclasses.replace(params.refine, overlays=1),
+                                 orchestration=dataclasses.replace(params.orchestration, review_rows=2))
     assert relabel.labelling_fingerprint(faster) == relabel.labelling_fingerprint(params)
+    capped = relabel.run(faster, "holiday", root / "inbox" / "holiday", root / "classifier", out, progress=False)
+    assert capped["version"] == summary["version"] and capped["review"]["rows"] == 2  # the page of the same version
+    page = (out / summary["version"] / "review.html").read_text()
+    assert len(re.findall(r'<tr data-id="', page)) == 2 and "2 of 6 images" in page
 
     changed = dataclasses.replace(params, refine=dataclasses.replace(
         params.refine, crf=dataclasses.replace(params.refine.crf, bilateral_srgb=5.0)))
