@@ -4,10 +4,11 @@ Written by ``export`` (``data/export/review.html``, listed in ``SHA256SUMS``) an
 folder, ``data/collections/<name>/<version>/review.html``). One table row per image: thumbnails of the image, of
 its pseudo mask in the palette's colours (255 = ignore in the palette's ignore colour) and, where CAM shards are at
 hand (``relabel``), of the CAM heat map over the image; then the row's labels (class names, with the classifier's
-scores where known), ``tag_source`` (given | predicted), ``confidence`` and ``ignore_fraction``.
+scores where known), ``tag_source`` (given | predicted) with the ``provenance`` (pseudo | corrected),
+``label_score``, ``confidence`` and ``ignore_fraction``.
 
-The page opens in the order *lowest confidence first* (also without JavaScript); its inline script sorts by image
-id, tag source, confidence or ignored share (click a column head; again to reverse) and filters by class and by
+The page opens in the order *lowest label score first* (also without JavaScript); its inline script sorts by image
+id, tag source, score, confidence or ignored share (click a column head; again to reverse) and filters by class and by
 tag source, keeping a count of the rows shown. A legend gives the class colours.
 
 Self-contained on purpose: thumbnails are embedded as ``data:`` URIs (JPEG for photos and CAMs, palette PNG for
@@ -45,35 +46,45 @@ REVIEW_NAME = "review.html"
 THUMB_SIDE = 128  # px, long side of every thumbnail: masks stay readable, ~3 kB per JPEG thumbnail
 JPEG_QUALITY = 80  # thumbnails only; the labels themselves are never re-encoded
 CAM_BLEND = 0.5  # share of the heat map in the CAM thumbnail (as in shards/overlays.py)
-ROW_COLUMNS = ["image_id", "split", "image", "mask", "labels", "tag_source", "confidence", "ignore_fraction"]
+ROW_COLUMNS = ["image_id", "split", "image", "mask", "labels", "tag_source", "provenance", "confidence",
+               "label_score", "ignore_fraction"]
+RANK = "label_score"  # the per-image trust score (shards/pseudo_labels.py): the page's order, lowest first
 CAM_COLUMNS = ["image_id", "classes", "scores", "cam_height", "cam_width", "cams"]
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
 # -- choosing the rows ---------------------------------------------------------------------------------------------
-def _order_key(confidence: float | None, image_id: str) -> tuple[float, str]:
-    """Worst first: lowest confidence, ties by id; a missing or NaN confidence counts as the worst."""
-    bad = confidence is None or math.isnan(confidence)
-    return (-math.inf if bad else float(confidence), image_id)
+def _order_key(score: float | None, image_id: str) -> tuple[float, str]:
+    """Worst first: lowest score, ties by id; a missing or NaN score counts as the worst."""
+    bad = score is None or math.isnan(score)
+    return (-math.inf if bad else float(score), image_id)
+
+
+def _score(row: Mapping[str, Any]) -> float | None:
+    """A row's rank: its ``label_score`` (rows of shards older than that column: their confidence)."""
+    return row.get(RANK, row.get("confidence"))
 
 
 def worst_rows(paths: Sequence[Path], limit: int) -> tuple[list[dict[str, Any]], int]:
-    """The ``limit`` rows of the pseudo-label shards ``paths`` with the lowest confidence (``ROW_COLUMNS`` only),
+    """The ``limit`` rows of the pseudo-label shards ``paths`` with the lowest label score (``ROW_COLUMNS`` only),
     worst first, and the number of rows in all. Reads two small columns of every row and the bytes of the chosen
     rows only."""
     refs = []
     for index, path in enumerate(paths):
-        table = pq.read_table(path, columns=["image_id", "confidence"])
+        rank = RANK if RANK in pq.read_schema(path).names else "confidence"
+        table = pq.read_table(path, columns=["image_id", rank])
         refs += [(_order_key(c, i), index) for i, c in zip(table["image_id"].to_pylist(),
-                                                           table["confidence"].to_pylist())]
+                                                           table[rank].to_pylist())]
     chosen = heapq.nsmallest(max(limit, 0), refs)
     wanted: dict[int, list[str]] = {}
     for (_, image_id), index in chosen:
         wanted.setdefault(index, []).append(image_id)
     rows = []
     for index, ids in sorted(wanted.items()):
-        rows += pq.read_table(paths[index], columns=ROW_COLUMNS, filters=[("image_id", "in", ids)]).to_pylist()
-    return sorted(rows, key=lambda r: _order_key(r["confidence"], r["image_id"])), len(refs)
+        names = pq.read_schema(paths[index]).names
+        rows += pq.read_table(paths[index], columns=[c for c in ROW_COLUMNS if c in names],
+                              filters=[("image_id", "in", ids)]).to_pylist()
+    return sorted(rows, key=lambda r: _order_key(_score(r), r["image_id"])), len(refs)
 
 
 def cam_rows(paths: Iterable[Path], image_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -163,8 +174,8 @@ _SCRIPT = """
   var classFilter = document.getElementById("class-filter");
   var sourceFilter = document.getElementById("source-filter");
   var shown = document.getElementById("shown");
-  var numeric = {confidence: true, ignore: true};
-  var state = {key: "confidence", dir: 1};
+  var numeric = {score: true, confidence: true, ignore: true};
+  var state = {key: "score", dir: 1};
   function value(row, key) {
     var v = row.getAttribute("data-" + key);
     return numeric[key] ? parseFloat(v) : v;
@@ -216,14 +227,14 @@ def render_review(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
                   *, title: str, max_rows: int, total: int | None = None, cams: Mapping[str, Mapping] | None = None,
                   facts: Sequence[tuple[str, str]] = (), rows_param: str = "", ignore_index: int = IGNORE_INDEX,
                   long_side: int = THUMB_SIDE) -> str:
-    """The page's HTML for the ``max_rows`` lowest-confidence ``rows`` (pseudo-label row dicts).
+    """The page's HTML for the ``max_rows`` lowest-label-score ``rows`` (pseudo-label row dicts).
 
     ``cams`` (image_id -> CAM row) adds the CAM column, and the classifier's scores beside the labels; without it
     (None) the column is left out. ``total`` is the number of rows the shown ones were chosen from (default: all of
     ``rows``); ``facts`` are (label, text) lines of provenance for the page head; ``rows_param`` names the
     parameter that caps the rows.
     """
-    shown = sorted(rows, key=lambda r: _order_key(r["confidence"], r["image_id"]))[:max(max_rows, 0)]
+    shown = sorted(rows, key=lambda r: _order_key(_score(r), r["image_id"]))[:max(max_rows, 0)]
     total = len(rows) if total is None else total
     ignore_colour = palette[ignore_index] if len(palette) > ignore_index else (255, 255, 255)
     e = html.escape
@@ -236,7 +247,9 @@ def render_review(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
         out += [f"<tr><th>{e(label)}</th><td>{e(str(text))}</td></tr>" for label, text in facts]
         out.append("</table>")
     cap = f" (the cap is <code>{e(rows_param)}</code>)" if rows_param else ""
-    out.append(f'<p id="summary">{len(shown)} of {total} images, the lowest confidence first{cap}. '
+    out.append(f'<p id="summary">{len(shown)} of {total} images, the lowest score first{cap}. '
+               "<b>score</b>: <code>label_score</code>, confidence times the labelled share of the image (1 for a "
+               "mask corrected by hand); "
                "<b>confidence</b>: mean, over the pixels not ignored, of the winning class probability; "
                f"<b>ignored</b>: share of pixels set to {ignore_index} (left out of a segmenter's loss).</p>")
     out.append('<div class="legend" id="legend">')
@@ -256,7 +269,8 @@ def render_review(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
                '<th data-sort="id"><button type="button">image id</button></th><th>image</th><th>pseudo mask</th>'
                + ("<th>CAM</th>" if with_cam else "") +
                '<th>labels</th><th data-sort="source"><button type="button">tags</button></th>'
-               '<th data-sort="confidence" aria-sort="ascending"><button type="button">confidence</button></th>'
+               '<th data-sort="score" aria-sort="ascending"><button type="button">score</button></th>'
+               '<th data-sort="confidence"><button type="button">confidence</button></th>'
                '<th data-sort="ignore"><button type="button">ignored</button></th></tr></thead><tbody>')
     for row in shown:
         cam_row = cams.get(row["image_id"]) if with_cam else None
@@ -275,10 +289,14 @@ def render_review(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str],
             cells.append(f'<td><img class="cam" src="{thumbs["cam"]}" width="{w}" height="{h}" alt="CAM"></td>'
                          if thumbs["cam"] else "<td>–</td>")
         cells += [f"<td>{tags or '<small>none</small>'}</td>",
-                  f'<td class="{e(source)}">{e(source)}</td>',
+                  f'<td class="{e(source)}">{e(source)}'
+                  + (f'<br><small class="provenance">{e(row["provenance"])}</small>' if row.get("provenance") else "")
+                  + "</td>",
+                  f'<td class="num score">{_fraction(_score(row))}</td>',
                   f'<td class="num confidence">{_fraction(row["confidence"])}</td>',
                   f'<td class="num ignore">{_fraction(row["ignore_fraction"])}</td>']
-        out.append(f'<tr data-id="{e(image_id)}" data-confidence="{_sort_value(row["confidence"])}" '
+        out.append(f'<tr data-id="{e(image_id)}" data-score="{_sort_value(_score(row))}" '
+                   f'data-confidence="{_sort_value(row["confidence"])}" '
                    f'data-ignore="{_sort_value(row["ignore_fraction"])}" '
                    f'data-labels="{" ".join(str(k) for k in row["labels"])}" data-source="{e(source)}">'
                    + "".join(cells) + "</tr>")

@@ -7,7 +7,7 @@ layout of ``shards/package.py``: ``data/<split>-NNNNN-of-NNNNN.parquet`` re-shar
 rows with ``export.row_group_size``-row groups (the columns and schema metadata of the pseudo-label shards, so
 ``datasets.load_dataset("parquet", data_dir=...)`` decodes images, masks and class names), the dataset card
 ``README.md``, ``package.json``, an optional VOC-style ``voc/`` folder, the review page ``review.html`` (the
-``export.review_rows`` lowest-confidence images with thumbnails, shards/review.py) and ``SHA256SUMS`` over everything.
+``export.review_rows`` lowest-label-score images with thumbnails, shards/review.py) and ``SHA256SUMS`` over everything.
 
 Every file is written to a temporary name and ``os.replace``-d into place; files of an earlier package that the
 new one does not have are removed; the result is a pure function of inputs and params (same bytes every run), so a
@@ -85,7 +85,7 @@ def split_info(summary: dict[str, Any], class_names: list[str]) -> dict[str, Any
 
 def write_package_review(out_dir: Path, sources: list[Path], info: dict[str, Any], palette: list[list[int]],
                          rows: int) -> dict[str, Any]:
-    """``review.html``: the ``rows`` lowest-confidence images of the package (no CAM column: CAMs are not part of
+    """``review.html``: the ``rows`` lowest-label-score images of the package (no CAM column: CAMs are not part of
     the package)."""
     chosen, total = worst_rows(sources, rows)
     prov = info["provenance"]
@@ -156,7 +156,7 @@ def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, met
         page = write_package_review(out_dir, [p for files in sources.values() for p in files], info, meta["palette"],
                                     cfg.review_rows)
         written.append(REVIEW_NAME)
-        log.info("export: %s shows the %d lowest-confidence of %d images (%.1f kB)", REVIEW_NAME, page["rows"],
+        log.info("export: %s shows the %d lowest-label-score of %d images (%.1f kB)", REVIEW_NAME, page["rows"],
                  page["total"], page["bytes"] / 1e3)
     removed = remove_stale(out_dir, [*written, INFO_NAME, CARD_NAME, CHECKSUMS_NAME])
     sums = write_checksums(out_dir)

@@ -10,7 +10,7 @@ predicts, ``tag_source: predicted``, with scores) and ``refine`` (METHODS.md §2
         <classifier fp>-<params fp>/      one version per classifier and labelling params, never overwritten
             manifest/  cams/  pseudo_labels/   shard sets (pseudo_labels: Parquet + palette-PNG masks, HF-loadable)
             overlays/*.png                 image | CAM | pseudo mask | ground truth
-            review.html                    review page: the ``orchestration.review_rows`` lowest-confidence images
+            review.html                    review page: the ``orchestration.review_rows`` lowest-label-score images
                                            (image | pseudo mask | CAM thumbnails, tags, scores; shards/review.py)
             tags.csv                       the tags used, given or predicted (the folder reader's format)
             summary.json                   counts, rejects, per-class figures, timings, classifier and params
@@ -125,7 +125,7 @@ def write_tags_csv(path: Path, per_image: list[dict[str, Any]]) -> None:
 
 
 def write_version_review(work: Path, summary: dict[str, Any], rows: int) -> dict[str, Any]:
-    """``review.html`` of one version: the ``rows`` lowest-confidence images, with their CAMs and the classifier's
+    """``review.html`` of one version: the ``rows`` lowest-label-score images, with their CAMs and the classifier's
     scores beside the tags."""
     shards = sorted((work / "pseudo_labels").glob("*.parquet"))
     meta = read_metadata(shards[0])

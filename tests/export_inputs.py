@@ -20,7 +20,7 @@ from shards.boxes import mask_boxes
 from shards.images import encode_mask
 from shards.io import ShardSet, atomic_write_json
 from shards.metrics import ConfusionMatrix
-from shards.pseudo_labels import mask_stats, pseudo_label_metrics, pseudo_label_schema
+from shards.pseudo_labels import label_score, mask_stats, pseudo_label_metrics, pseudo_label_schema
 from shards.records import voc_palette
 
 CLASS_NAMES = ["background", "disc", "box", "bar"]
@@ -51,9 +51,11 @@ def synthetic_row(rng: np.random.Generator, image_id: str, split: str, index: in
     row = {"image_id": image_id, "split": split,
            "image": {"bytes": buffer.getvalue(), "path": f"{image_id}.{'png' if fmt == 'PNG' else 'jpg'}"},
            "mask": {"bytes": encode_mask(mask, voc_palette()), "path": f"{image_id}.png"},
-           "labels": labels, "tag_source": "given" if index % 3 else "predicted", "height": height, "width": width,
-           "ignore_fraction": ignore_fraction, "confidence": float(rng.uniform(0.5, 1.0)), "pixels": pixels,
+           "labels": labels, "tag_source": "given" if index % 3 else "predicted", "provenance": "pseudo",
+           "height": height, "width": width, "ignore_fraction": ignore_fraction, "pixels": pixels,
            "boxes": mask_boxes(mask, len(CLASS_NAMES), min_pixels=BOX_MIN_PIXELS)}
+    row["confidence"] = float(rng.uniform(0.5, 1.0))
+    row["label_score"] = label_score(row["confidence"], ignore_fraction)
     return row, truth
 
 

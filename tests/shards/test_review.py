@@ -27,7 +27,7 @@ def make_rows(n: int = N_ROWS, seed: int = 1) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = [synthetic_row(rng, f"img_{i:03d}", "train", i)[0] for i in range(n)]
     if n > 5:
-        rows[5]["confidence"] = rows[2]["confidence"]  # a tie: the id decides
+        rows[5]["label_score"] = rows[2]["label_score"]  # a tie: the id decides
     return rows
 
 
@@ -45,7 +45,7 @@ def make_cams(rows: list[dict], seed: int = 2) -> dict[str, dict]:
 
 
 def worst_first(rows: list[dict]) -> list[str]:
-    return [r["image_id"] for r in sorted(rows, key=lambda r: (r["confidence"], r["image_id"]))]
+    return [r["image_id"] for r in sorted(rows, key=lambda r: (r["label_score"], r["image_id"]))]
 
 
 def row_ids(page: str) -> list[str]:
@@ -65,7 +65,7 @@ def test_the_worst_rows_come_first_capped_and_in_the_same_bytes_every_time():
     rows = make_rows()
     page = render(rows, max_rows=5, total=40, rows_param="export.review_rows")
     assert row_ids(page) == worst_first(rows)[:5]
-    assert "5 of 40 images, the lowest confidence first" in page and "export.review_rows" in page
+    assert "5 of 40 images, the lowest score first" in page and "export.review_rows" in page
     assert render(list(reversed(rows)), max_rows=5, total=40, rows_param="export.review_rows") == page
     tied = [i for i in row_ids(render(rows)) if i in ("img_002", "img_005")]
     assert tied == ["img_002", "img_005"]
@@ -74,9 +74,9 @@ def test_the_worst_rows_come_first_capped_and_in_the_same_bytes_every_time():
 
 def test_a_missing_confidence_counts_as_the_worst():
     rows = make_rows(4)
-    rows[3]["confidence"] = float("nan")
+    rows[3]["label_score"] = float("nan")
     page = render(rows)
-    assert row_ids(page)[0] == "img_003" and 'data-confidence="-1"' in page
+    assert row_ids(page)[0] == "img_003" and 'data-score="-1"' in page
 
 
 def test_worst_rows_reads_the_lowest_confidence_rows_of_the_shards(tmp_path):
@@ -86,8 +86,8 @@ def test_worst_rows_reads_the_lowest_confidence_rows_of_the_shards(tmp_path):
     chosen, total = worst_rows(paths, 4)
     assert total == len(everything) == 10
     assert [r["image_id"] for r in chosen] == worst_first(everything)[:4]
-    assert set(chosen[0]) == {"image_id", "split", "image", "mask", "labels", "tag_source", "confidence",
-                              "ignore_fraction"}  # the bytes of the chosen rows, not the boxes or pixel counts
+    assert set(chosen[0]) == {"image_id", "split", "image", "mask", "labels", "tag_source", "provenance",
+                              "confidence", "label_score", "ignore_fraction"}  # the bytes of the chosen rows, not the boxes or pixel counts
     assert worst_rows(paths, 0) == ([], 10) and len(worst_rows(paths, 99)[0]) == 10
 
 
@@ -165,7 +165,8 @@ def shown(driver) -> list[dict]:
     """The rows the browser displays, in order, with their sort attributes."""
     from selenium.webdriver.common.by import By
 
-    return [{"id": tr.get_attribute("data-id"), "confidence": float(tr.get_attribute("data-confidence")),
+    return [{"id": tr.get_attribute("data-id"), "score": float(tr.get_attribute("data-score")),
+             "confidence": float(tr.get_attribute("data-confidence")),
              "ignore": float(tr.get_attribute("data-ignore")), "source": tr.get_attribute("data-source"),
              "labels": [int(k) for k in tr.get_attribute("data-labels").split()]}
             for tr in driver.find_elements(By.CSS_SELECTOR, "#rows tbody tr") if tr.is_displayed()]
@@ -211,12 +212,15 @@ def test_the_browser_shows_every_row_worst_first_with_decoded_images_and_no_requ
 def test_the_browser_sorts_by_each_column_and_reverses_on_a_second_click(browser, page):
     path, rows = page
     browser.get(path.resolve().as_uri())
-    click_sort(browser, "confidence")  # the page opened ascending: now descending
+    click_sort(browser, "score")  # the page opened ascending: now descending
     order = shown(browser)
-    assert [r["id"] for r in order] == [r["id"] for r in sorted(order, key=lambda r: (-r["confidence"], r["id"]))]
+    assert [r["id"] for r in order] == [r["id"] for r in sorted(order, key=lambda r: (-r["score"], r["id"]))]
     assert [r["id"] for r in order] != worst_first(rows)
-    click_sort(browser, "confidence")
+    click_sort(browser, "score")
     assert [r["id"] for r in shown(browser)] == worst_first(rows)
+    click_sort(browser, "confidence")  # another column: ascending first
+    order = shown(browser)
+    assert [r["confidence"] for r in order] == sorted(r["confidence"] for r in order)
     click_sort(browser, "ignore")
     order = shown(browser)
     assert [r["ignore"] for r in order] == sorted(r["ignore"] for r in order)

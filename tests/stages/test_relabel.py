@@ -50,8 +50,11 @@ def test_predicted_tags_are_recorded_and_the_broken_image_is_rejected(relabelled
     assert sum(c["images"] for c in summary["per_class"][1:]) == sum(len(r["labels"]) for r in rows.values())
     assert len(list((version / "overlays").glob("*.png"))) == 2
     page = (version / "review.html").read_text()
-    worst = [r["image_id"] for r in sorted(rows.values(), key=lambda r: (r["confidence"], r["image_id"]))]
-    assert re.findall(r'<tr data-id="([^"]+)"', page) == worst  # all 6 images, lowest confidence first
+    worst = [r["image_id"] for r in sorted(rows.values(), key=lambda r: (r["label_score"], r["image_id"]))]
+    assert re.findall(r'<tr data-id="([^"]+)"', page) == worst  # all 6 images, lowest label score first
+    assert [r["image_id"] for r in summary["per_image"]] == worst  # the summary lists them in that order too
+    assert all(r["label_score"] == pytest.approx(r["confidence"] * (1 - r["ignore_fraction"]), abs=1e-4)
+               for r in rows.values())
     assert "<th>CAM</th>" in page and page.count('<img class="cam"') == 6 and "orchestration.review_rows" in page
     assert summary["review"] == {"file": "review.html", "rows": 6, "bytes": len(page.encode())}
     current = read_current(root / "out", "holiday")
