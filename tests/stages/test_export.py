@@ -34,15 +34,23 @@ def test_rerun_gives_the_same_bytes_and_a_reshard_leaves_no_stale_file(inputs, t
     sums = (out / "SHA256SUMS").read_text()
     again = export.run(export_params(), inputs["pseudo"], inputs["manifest"], out, inputs["metrics"], progress=False)
     assert (out / "SHA256SUMS").read_text() == sums and again["removed"] == []
+    assert "coco/annotations/instances_val.json" in first["files"] and "voc/labelmap.txt" in first["files"]
     result = export.run(export_params(rows_per_shard=100, voc=False, splits=("train",)), inputs["pseudo"],
                         inputs["manifest"], out, None, progress=False)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "README.md", "SHA256SUMS", "data/train-00000-of-00001.parquet", "package.json"]
-    assert "data/val-00000-of-00001.parquet" in result["removed"] and not (out / "voc").exists()
+        "README.md", "SHA256SUMS", "coco/annotations/instances_train.json", "data/train-00000-of-00001.parquet",
+        "package.json"]
+    assert {"data/val-00000-of-00001.parquet", "coco/annotations/instances_val.json"} <= set(result["removed"])
+    assert not (out / "voc").exists()
     assert first["splits"] == {"train": 7, "val": 3} and result["splits"] == {"train": 7}
     info = json.loads((out / "package.json").read_text())
     assert info["quality"] is None  # no metrics file given: the card says quality is unknown
+    assert info["coco"]["image_root"] is None  # no VOC folder: the images are in the Parquet rows only
     verify_package(out)
+    result = export.run(export_params(rows_per_shard=100, voc=False, coco=False, splits=("train",)), inputs["pseudo"],
+                        inputs["manifest"], out, None, progress=False)
+    assert result["removed"] == ["coco/annotations/instances_train.json"] and not (out / "coco").exists()
+    assert json.loads((out / "package.json").read_text())["coco"] is None
 
 
 def test_refuses_a_foreign_folder_and_an_unknown_split(inputs, tmp_path):
