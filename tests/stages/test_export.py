@@ -123,13 +123,28 @@ def test_reader_refuses_a_tampered_shard_naming_it(package, tmp_path):
         PseudoLabelDataset(copy, split="val")
 
 
-def test_torchvision_example_trains_on_the_package(package):
+def test_torchvision_example_trains_on_the_package_and_saves_a_model_that_loads(package, tmp_path):
     pytest.importorskip("torchvision")
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
     from examples.train_torchvision import main
 
     torch.set_num_threads(1)
-    losses = main(["--package", str(package), "--steps", "3", "--size", "32", "--batch-size", "2", "--lr", "0.05"])
+    out = tmp_path / "runs" / "model.pt"
+    losses = main(["--package", str(package), "--steps", "3", "--size", "32", "--batch-size", "2", "--lr", "0.05",
+                   "--out", str(out), "--no-progress"])
     assert len(losses) == 3 and all(np.isfinite(losses)) and len(set(losses)) == 3
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.pt"]  # no temporary file left
+    saved = torch.load(out, weights_only=True)  # plain tensors and values: loads without running code
+    assert saved["class_names"] == CLASS_NAMES and saved["ignore_index"] == 255 and saved["steps"] == 3
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=len(saved["class_names"]))
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(saved["model"])  # strict: every key and shape matches
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, untrained[k])]
+    assert changed, "the saved weights are the untrained ones"
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32))["out"].shape == (1, len(CLASS_NAMES), 32, 32)
 
 
 @pytest.mark.slow
