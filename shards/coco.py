@@ -138,7 +138,8 @@ class CocoWriter:
 
     def _append(self, key: str, entry: Mapping[str, Any]) -> None:
         spool = self._spools[key]
-        spool.write((",\n" if spool.tell() else "") + json.dumps(entry))
+        # allow_nan=False: strict JSON (NaN is not JSON, and strict readers refuse the whole file)
+        spool.write((",\n" if spool.tell() else "") + json.dumps(entry, allow_nan=False))
 
     def add_image(self, file_name: str, mask: np.ndarray, *, image_extra: Mapping[str, Any] | None = None,
                   annotation_extra: Mapping[str, Any] | None = None) -> int:

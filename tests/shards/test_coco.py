@@ -122,4 +122,7 @@ def test_writer_numbers_entries_and_an_error_leaves_the_old_file_and_no_temporar
         writer.add_image("b.png", HAND)  # classes 2 and 3 are not in a 2-class list
         writer.write()
     assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="JSON compliant"), CocoWriter(path, names) as writer:
+        writer.add_image("a.png", HAND, annotation_extra={"confidence": float("nan")})  # NaN is not JSON
+    assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
