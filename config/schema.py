@@ -279,7 +279,9 @@ class ExportParams:
     rows_per_shard: int = param(1000, lo=1, hi=1_000_000, help="images per Parquet shard of the package")
     row_group_size: int = param(100, lo=1, hi=100_000, help="rows per row group: what a reader loads at once")
     voc: bool = param(True, help="also write a VOC-style folder (JPEGImages/, SegmentationClass/, Annotations/, "
-                                 "ImageSets/)")
+                                 "ImageSets/, CVAT labelmap.txt)")
+    coco: bool = param(True, help="also write COCO instances (coco/annotations/instances_<split>.json): an RLE per "
+                                  "connected region of a class")
     license: str = param("unknown", help="licence id for the dataset card (Hugging Face / SPDX id)")
     name: str = param("", help="the card's title; empty = '<source> pseudo labels'")
     review_rows: int = param(200, lo=0, help="rows of review.html, the package's review page (lowest confidence "

@@ -102,7 +102,8 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
                        "pixels": pixels,
                        "boxes": mask_boxes(mask, num_classes, min_pixels=p.boxes.min_pixels,
                                            connectivity=p.boxes.connectivity)}
-    schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods)
+    schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods,
+                                 boxes=to_dict(p.boxes))
     return ShardSet(task.out_dir).write(task.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=task.key,
                                         split=task.name.rsplit("-", 1)[0], gt_images=gt_images,
                                         confusion=confusion.matrix.tolist(),

@@ -45,6 +45,7 @@ def card_header(info: Mapping[str, Any]) -> dict[str, Any]:
                            "pixel_share": {name: s["pixel_share"][name] for name in names}}
                    for split, s in info["splits"].items()},
         "voc_folder": info["voc"],
+        "coco": info.get("coco"),
         "quality": info["quality"],
         "provenance": info["provenance"],
     }
@@ -88,8 +89,27 @@ def render_card(info: Mapping[str, Any]) -> str:
                            f"{100 * s['ignored_pixel_share']:.2f} % |" for split, s in splits.items())
     prov = info["provenance"]
     voc = (f"- `{info['voc']}/`: the same labels as a VOC tree (`JPEGImages/`, `SegmentationClass/` palette PNGs, "
-           "`Annotations/` box XMLs, `ImageSets/Segmentation/<split>.txt`, `classes.txt`)\n") if info["voc"] else ""
-    review = (f"- `{info['review']}`: a review page to open in a browser: thumbnails of the lowest-confidence "
+           "`Annotations/` box XMLs, `ImageSets/Segmentation/<split>.txt`, `classes.txt`, and `labelmap.txt`: names "
+           "and colours for CVAT's *Segmentation mask 1.1* import, the ignore band as label `ignored`)\n"
+           ) if info["voc"] else ""
+    coco, correct = info.get("coco"), []
+    if info["voc"]:
+        correct.append(f"in CVAT, import the zipped `{info['voc']}/` folder into a project as *Segmentation mask 1.1*")
+    if coco:
+        root = (f"`file_name` is the image's name in `{coco['image_root']}/`" if coco["image_root"] else
+                "the images are in the Parquet rows only (the VOC folder was not exported)")
+        connectivity = "/".join(sorted({str(c["connectivity"]) for c in coco["splits"].values()}))
+        coco = (f"- `coco/annotations/instances_<split>.json`: COCO instances (splits "
+                f"{', '.join(coco['splits'])}): one annotation per connected region of a class in the mask "
+                f"({connectivity}-connected), `segmentation` a compressed RLE, `bbox`, `area`, `iscrowd` 0, and the "
+                "row's `tag_source` and `confidence`; categories 1..K are the mask values, background is none and "
+                f"ignored pixels are in no annotation; {root}\n")
+        correct.append("upload a split's COCO file as *COCO 1.0* to a CVAT task that holds its images")
+    else:
+        coco = ""
+    correct.append("in Label Studio, load each mask's class regions as brush (`BrushLabels`) pre-annotations")
+    correct = f"To correct the labels by hand: {'; or '.join(correct)}.\n"
+    review = (f"- `{info['review']}`: a review page to open in a browser: thumbnails of the lowest-label-score "
               "images and their masks, sortable and filterable by class\n") if info.get("review") else ""
     return f"""---
 {header}---
@@ -138,8 +158,9 @@ with `x1`, `y1` exclusive; regions too small to be objects are left out).
 ## Files
 
 - `data/<split>-NNNNN-of-NNNNN.parquet`: the rows, {info['row_group_size']} rows per row group
-{voc}{review}- `package.json`: this card's facts for programs; `SHA256SUMS`: check with `sha256sum -c SHA256SUMS`
+{voc}{coco}{review}- `package.json`: this card's facts for programs; `SHA256SUMS`: check with `sha256sum -c SHA256SUMS`
 
+{correct}
 ## Provenance
 
 Source `{prov['source'].get('source')}` at `{prov['source'].get('root')}`; classifier fingerprint

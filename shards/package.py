@@ -13,7 +13,14 @@ Layout (``PACKAGE_VERSION`` 1)::
         voc/Annotations/<id>.xml                their instance boxes (``boxes``) in VOC detection format
                                                 (shards/voc_xml.py: 1-based, inclusive ``bndbox``),
         voc/ImageSets/Segmentation/<split>.txt  the ids of each split,
-        voc/classes.txt                         class names, background first
+        voc/classes.txt                         class names, background first,
+        voc/labelmap.txt                        names and colours in CVAT's "Segmentation mask 1.1" form
+                                                (``name:r,g,b::``), background first, then ``ignored`` for 255
+        coco/annotations/instances_<split>.json optional COCO instances (shards/coco.py): one annotation per
+                                                connected region of a class (compressed RLE, bbox, area), none
+                                                on the ignore band; ``file_name`` is the image's name in
+                                                ``voc/JPEGImages/`` (the image root; images stay in the Parquet
+                                                rows alone when the VOC folder is off)
 
 Shard names follow the Hugging Face convention ``data/{split}-NNNNN-of-NNNNN.parquet``: ``datasets.load_dataset(
 "parquet", data_dir=<package>)`` finds the splits by those names alone, whatever else the folder holds, and the
@@ -39,7 +46,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shards.coco import CocoWriter, coco_name
 from shards.fingerprint import sha256_file
+from shards.images import decode_mask_png
 from shards.io import atomic_path, atomic_write_bytes, atomic_write_json, iter_batches, read_metadata
 from shards.voc_xml import annotation_xml
 
@@ -49,6 +58,10 @@ CARD_NAME = "README.md"
 CHECKSUMS_NAME = "SHA256SUMS"
 DATA_DIR = "data"
 VOC_DIR = "voc"
+VOC_IMAGES = f"{VOC_DIR}/JPEGImages"
+LABELMAP_NAME = "labelmap.txt"
+IGNORE_LABEL = "ignored"  # the 255 band's name in VOC tools (datumaro, hence CVAT)
+DEFAULT_CONNECTIVITY = 8  # for shards that do not record refine's boxes.connectivity (written before it was)
 _CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
 
@@ -124,27 +137,74 @@ def write_voc_rows(table: pa.Table, voc_root: Path, class_names: Sequence[str]) 
     return written
 
 
-def write_split(sources: Sequence[Path], split: str, out_dir: Path, *, rows_per_shard: int, row_group_size: int,
-                voc: bool = False, on_rows: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Re-shard one split's pseudo-label shards into ``out_dir/data``, streaming one row group at a time.
+def write_coco_rows(table: pa.Table, coco: CocoWriter) -> int:
+    """The images and mask regions of ``table`` into a split's COCO file; returns the annotations added."""
+    added = 0
+    columns = ["image_id", "image", "mask", "height", "width", "tag_source", "confidence", "ignore_fraction"]
+    for row in table.select(columns).to_pylist():
+        mask = decode_mask_png(row["mask"]["bytes"])
+        if mask.shape != (row["height"], row["width"]):
+            raise ValueError(f"image {row['image_id']!r}: its mask is {mask.shape[1]}x{mask.shape[0]} px, the row "
+                             f"says {row['width']}x{row['height']}; run refine again")
+        confidence = None if row["confidence"] is None else round(row["confidence"], 6)
+        provenance = {"tag_source": row["tag_source"], "confidence": confidence}
+        try:
+            added += coco.add_image(f"{row['image_id']}.{image_extension(row['image']['bytes'])}", mask,
+                                    image_extra={"package_image_id": row["image_id"], **provenance,
+                                                 "ignore_fraction": round(row["ignore_fraction"], 6)},
+                                    annotation_extra=provenance)
+        except ValueError as exc:
+            raise ValueError(f"image {row['image_id']!r}: {exc}") from None
+    return added
 
-    Returns ``{"images", "shards", "files", "ids", "pixels", "ignored_pixels"}``: ``files`` every path written
-    (relative to ``out_dir``), ``pixels`` the per-class pixel totals (classes 0..K), ``ids`` the image ids in order.
+
+def write_split(sources: Sequence[Path], split: str, out_dir: Path, *, rows_per_shard: int, row_group_size: int,
+                voc: bool = False, coco: bool = False, on_rows: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Re-shard one split's pseudo-label shards into ``out_dir/data``, streaming one row group at a time; with
+    ``voc`` and ``coco`` the same rows also go to the VOC folder and the split's COCO file.
+
+    Returns ``{"images", "shards", "files", "ids", "pixels", "ignored_pixels", "coco"}``: ``files`` every path
+    written (relative to ``out_dir``), ``pixels`` the per-class pixel totals (classes 0..K), ``ids`` the image ids in
+    order, ``coco`` ``{"path", "annotations", "connectivity"}`` of the COCO file (None without ``coco``).
     """
     if not sources:
         raise ValueError(f"split {split!r}: no pseudo-label shards")
     schema = pq.read_schema(sources[0])
-    class_names = read_metadata(sources[0])["class_names"]
+    meta = read_metadata(sources[0])
+    class_names = meta["class_names"]
     num_classes = len(class_names)
     for path in sources[1:]:
-        if not pq.read_schema(path).equals(schema, check_metadata=False) \
-                or read_metadata(path)["class_names"] != read_metadata(sources[0])["class_names"]:
-            raise ValueError(f"{path}: schema or classes differ from {sources[0]}")
+        other = read_metadata(path)
+        if not pq.read_schema(path).equals(schema, check_metadata=False) or other["class_names"] != class_names \
+                or other.get("boxes") != meta.get("boxes"):
+            raise ValueError(f"{path}: schema, classes or box params differ from {sources[0]}")
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in sources)
     count = max(1, math.ceil(total / rows_per_shard))
     stream = _RowStream(iter_batches(sources, batch_size=row_group_size))
     summary: dict[str, Any] = {"images": total, "shards": [], "files": [], "ids": [],
-                               "pixels": np.zeros(num_classes, dtype=np.int64), "ignored_pixels": 0}
+                               "pixels": np.zeros(num_classes, dtype=np.int64), "ignored_pixels": 0, "coco": None}
+    # the connectivity refine used for `boxes` (recorded in the shards), so COCO regions and boxes agree
+    connectivity = (meta.get("boxes") or {}).get("connectivity", DEFAULT_CONNECTIVITY)
+    if coco:
+        summary["coco"] = {"path": coco_name(split), "annotations": 0, "connectivity": connectivity}
+    info = {"description": f"pseudo labels, split {split}: one annotation per connected region of a class in the "
+                           "pseudo mask; ignored pixels are in none", "version": str(PACKAGE_VERSION)}
+    with (CocoWriter(out_dir / coco_name(split), class_names, connectivity=connectivity, info=info,
+                     ignore_index=meta["ignore_index"]) if coco else contextlib.nullcontext()) as coco_writer:
+        _write_shards(stream, split, out_dir, schema, summary, count=count, rows_per_shard=rows_per_shard,
+                      row_group_size=row_group_size, class_names=class_names, voc=voc, coco=coco_writer,
+                      on_rows=on_rows)
+        if coco_writer is not None:
+            coco_writer.write()
+            summary["files"].append(coco_name(split))
+    summary["pixels"] = [int(v) for v in summary["pixels"]]
+    return summary
+
+
+def _write_shards(stream: _RowStream, split: str, out_dir: Path, schema: pa.Schema, summary: dict[str, Any], *,
+                  count: int, rows_per_shard: int, row_group_size: int, class_names: Sequence[str], voc: bool,
+                  coco: CocoWriter | None, on_rows: Callable[[int], Any] | None) -> None:
+    num_classes, total = len(class_names), summary["images"]
     for index in range(count):
         name = shard_name(split, index, count)
         shard_rows = min(rows_per_shard, total - index * rows_per_shard)
@@ -162,12 +222,12 @@ def write_split(sources: Sequence[Path], split: str, out_dir: Path, *, rows_per_
                 if voc:
                     summary["files"] += [f"{VOC_DIR}/{rel}"
                                          for rel in write_voc_rows(table, out_dir / VOC_DIR, class_names)]
+                if coco is not None:
+                    summary["coco"]["annotations"] += write_coco_rows(table, coco)
                 if on_rows is not None:
                     on_rows(table.num_rows)
         summary["shards"].append(name)
         summary["files"].append(name)
-    summary["pixels"] = [int(v) for v in summary["pixels"]]
-    return summary
 
 
 def score_summary(out_dir: Path, shards: Sequence[str]) -> dict[str, Any]:
@@ -184,15 +244,46 @@ def score_summary(out_dir: Path, shards: Sequence[str]) -> dict[str, Any]:
             "histogram": [int(v) for v in np.histogram(scores, bins=10, range=(0.0, 1.0))[0]]}
 
 
-def write_voc_lists(out_dir: Path, class_names: Sequence[str], ids_by_split: Mapping[str, Sequence[str]]) -> list[str]:
-    """``ImageSets/Segmentation/<split>.txt`` and ``classes.txt`` of the VOC folder; returns the paths written."""
+def cvat_labelmap(class_names: Sequence[str], palette: Sequence[Sequence[int]], ignore_colour: Sequence[int]) -> str:
+    """``labelmap.txt`` as CVAT's "Segmentation mask 1.1" format reads it (datumaro's VOC label map): a
+    ``# label:color_rgb:parts:actions`` header, then ``name:r,g,b::`` per class, background first, in the colours
+    the mask PNGs are painted with, and last ``ignored`` in the ignore colour. CVAT reads a mask by its colours and
+    refuses a colour the label map does not name, so the ignore band needs its line (it arrives as label
+    ``ignored``: the pixels for the annotator to decide)."""
+    names = [*class_names, IGNORE_LABEL]
+    if len(palette) < len(class_names):
+        raise ValueError(f"palette: {len(palette)} colours for {len(class_names)} classes")
+    colours = [tuple(int(v) for v in colour) for colour in [*palette[:len(class_names)], ignore_colour]]
+    if IGNORE_LABEL in class_names:
+        raise ValueError(f"class {IGNORE_LABEL!r}: the label map names the ignore band so; rename the class")
+    for name in names:
+        if ":" in name or name.startswith("#") or name != name.strip() or not name:
+            raise ValueError(f"class {name!r}: CVAT's label map cannot hold a name that is empty, contains ':', "
+                             "starts with '#' or has outer spaces; rename the class")
+    seen: dict[tuple[int, ...], str] = {}
+    for name, colour in zip(names, colours):
+        if len(colour) != 3 or not all(0 <= v <= 255 for v in colour):
+            raise ValueError(f"class {name!r}: colour {list(colour)} is not an RGB triple of 0..255")
+        if colour in seen:
+            raise ValueError(f"classes {seen[colour]!r} and {name!r} share the colour {list(colour)}: a colour mask "
+                             "cannot tell them apart; give the palette distinct colours")
+        seen[colour] = name
+    lines = [f"{name}:{','.join(map(str, colour))}::" for name, colour in zip(names, colours)]
+    return "".join(f"{line}\n" for line in ["# label:color_rgb:parts:actions", *lines])
+
+
+def write_voc_lists(out_dir: Path, class_names: Sequence[str], ids_by_split: Mapping[str, Sequence[str]], *,
+                    palette: Sequence[Sequence[int]], ignore_colour: Sequence[int]) -> list[str]:
+    """``ImageSets/Segmentation/<split>.txt``, ``classes.txt`` and ``labelmap.txt`` of the VOC folder; returns the
+    paths written."""
     written = []
     for split, ids in ids_by_split.items():
         rel = f"{VOC_DIR}/ImageSets/Segmentation/{split}.txt"
         atomic_write_bytes(out_dir / rel, "".join(f"{i}\n" for i in ids).encode())
         written.append(rel)
     atomic_write_bytes(out_dir / VOC_DIR / "classes.txt", "".join(f"{n}\n" for n in class_names).encode())
-    return [*written, f"{VOC_DIR}/classes.txt"]
+    atomic_write_bytes(out_dir / VOC_DIR / LABELMAP_NAME, cvat_labelmap(class_names, palette, ignore_colour).encode())
+    return [*written, f"{VOC_DIR}/classes.txt", f"{VOC_DIR}/{LABELMAP_NAME}"]
 
 
 def is_package(folder: Path) -> bool:

@@ -51,9 +51,14 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
 
 
 def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[int]], producer: Mapping[str, Any],
-                        *, methods: Sequence[str], ignore_index: int = IGNORE_INDEX) -> pa.Schema:
-    """PSEUDO_LABEL_SCHEMA with our metadata; ``class_names`` includes background (index 0)."""
-    meta = dataset_metadata("pseudo_labels", class_names, palette, producer, ignore_index, methods=list(methods))
+                        *, methods: Sequence[str], ignore_index: int = IGNORE_INDEX,
+                        boxes: Mapping[str, Any] | None = None) -> pa.Schema:
+    """PSEUDO_LABEL_SCHEMA with our metadata; ``class_names`` includes background (index 0); ``boxes`` the params
+    behind the ``boxes`` column (``min_pixels``, ``connectivity``), recorded so that ``export`` cuts its COCO regions
+    the same way."""
+    extra = {"boxes": dict(boxes)} if boxes is not None else {}
+    meta = dataset_metadata("pseudo_labels", class_names, palette, producer, ignore_index, methods=list(methods),
+                            **extra)
     value = {"dtype": "string", "_type": "Value"}
     hf = huggingface_features({
         "image_id": value,

@@ -6,12 +6,14 @@ never published), ``data/manifest/classes.json`` (classes, palette) and, when pr
 layout of ``shards/package.py``: ``data/<split>-NNNNN-of-NNNNN.parquet`` re-sharded to ``export.rows_per_shard``
 rows with ``export.row_group_size``-row groups (the columns and schema metadata of the pseudo-label shards, so
 ``datasets.load_dataset("parquet", data_dir=...)`` decodes images, masks and class names), the dataset card
-``README.md``, ``package.json``, an optional VOC-style ``voc/`` folder, the review page ``review.html`` (the
+``README.md``, ``package.json``, an optional VOC-style ``voc/`` folder (``export.voc``, with CVAT's
+``labelmap.txt``), optional COCO instances ``coco/annotations/instances_<split>.json`` (``export.coco``: one RLE
+annotation per connected region of a class, shards/coco.py), the review page ``review.html`` (the
 ``export.review_rows`` lowest-label-score images with thumbnails, shards/review.py) and ``SHA256SUMS`` over everything.
 
 Every file is written to a temporary name and ``os.replace``-d into place; files of an earlier package that the
 new one does not have are removed; the result is a pure function of inputs and params (same bytes every run), so a
-killed export is simply run again. The stage reads and copies bytes only: no torch, no decoding.
+killed export is simply run again. The stage copies bytes and, for COCO only, decodes the masks: no torch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from shards.package import (
     CHECKSUMS_NAME,
     INFO_NAME,
     VOC_DIR,
+    VOC_IMAGES,
     is_package,
     remove_stale,
     score_summary,
@@ -100,6 +103,12 @@ def write_package_review(out_dir: Path, sources: list[Path], info: dict[str, Any
     return write_review(out_dir / REVIEW_NAME, chosen, info["class_names"], palette, title=f"Review: {info['name']}",
                         max_rows=rows, total=total, facts=facts, rows_param="export.review_rows",
                         ignore_index=info["ignore_index"])
+def coco_info(summaries: dict[str, Any], voc: bool) -> dict[str, Any] | None:
+    """package.json's ``coco``: the image root, and per split the annotation file, its annotation count and the
+    connectivity that made its regions."""
+    splits = {split: {"annotations": s["coco"]["path"], "count": s["coco"]["annotations"],
+                      "connectivity": s["coco"]["connectivity"]} for split, s in summaries.items() if s["coco"]}
+    return {"image_root": VOC_IMAGES if voc else None, "splits": splits} if splits else None
 
 
 def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
@@ -126,26 +135,31 @@ def run(params: Params, pseudo_dir: Path, manifest_dir: Path, out_dir: Path, met
                disable=not progress)
     started = time.perf_counter()
     summaries = {split: write_split(files, split, out_dir, rows_per_shard=cfg.rows_per_shard,
-                                    row_group_size=cfg.row_group_size, voc=cfg.voc, on_rows=bar.update)
+                                    row_group_size=cfg.row_group_size, voc=cfg.voc, coco=cfg.coco,
+                                    on_rows=bar.update)
                  for split, files in sources.items()}
     bar.close()
+    ignore = meta["ignore_index"]
+    palette = [list(c) for c in meta["palette"][:len(names)]]
+    ignore_colour = list(meta["palette"][ignore]) if len(meta["palette"]) > ignore else [255] * 3
     written = [rel for s in summaries.values() for rel in s["files"]]
     if cfg.voc:
-        written += write_voc_lists(out_dir, names, {split: s["ids"] for split, s in summaries.items()})
-    ignore = meta["ignore_index"]
+        written += write_voc_lists(out_dir, names, {split: s["ids"] for split, s in summaries.items()},
+                                   palette=palette, ignore_colour=ignore_colour)
     info = {
         "name": cfg.name or f"{params.prepare.source} pseudo labels",
         "license": cfg.license,
         "class_names": names,
-        "palette": [list(c) for c in meta["palette"][:len(names)]],
+        "palette": palette,
         "ignore_index": ignore,
-        "ignore_colour": list(meta["palette"][ignore]) if len(meta["palette"]) > ignore else [255] * 3,
+        "ignore_colour": ignore_colour,
         "methods": list(meta.get("methods", [])),
         "row_group_size": cfg.row_group_size,
         "splits": {split: split_info(s, names) for split, s in summaries.items()},
         "label_scores": {split: score_summary(out_dir, s["shards"]) for split, s in summaries.items()},
         "voc": VOC_DIR if cfg.voc else None,
         "review": REVIEW_NAME if cfg.review_rows else None,
+        "coco": coco_info(summaries, cfg.voc),
         "quality": read_quality(metrics_path),
         "provenance": provenance(params, meta),
     }

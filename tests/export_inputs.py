@@ -3,7 +3,9 @@
 ``write_inputs(root)`` makes ``root/pseudo_labels`` (refine's layout: ``<split>-NNNNN.parquet`` + ``index.json``
 with confusion matrices), ``root/manifest/classes.json`` and ``root/metrics/pseudo_labels.json``. Images are a
 mix of PNG and JPEG, 40-64 px; masks hold boxes of classes 1..3, a 255 band on their outlines and scattered 255s;
-the ``boxes`` column is refine's: ``mask_boxes`` of the mask with ``BOX_MIN_PIXELS``.
+the ``boxes`` column is refine's: ``mask_boxes`` of the mask with ``BOX_MIN_PIXELS``, recorded with the
+connectivity in the shards' ``boxes`` metadata as refine records it. ``write_mask_inputs(root, masks)`` writes the
+same layout from hand-drawn masks.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def synthetic_row(rng: np.random.Generator, image_id: str, split: str, index: in
     edges[1:, :] |= truth[1:, :] != truth[:-1, :]
     edges[:, 1:] |= truth[:, 1:] != truth[:, :-1]
     mask[edges | (rng.random(truth.shape) < 0.03)] = 255  # the ignore band and scattered unsure pixels
+    return mask_row(rng, image_id, split, index, mask, truth), truth
+
+
+def mask_row(rng: np.random.Generator, image_id: str, split: str, index: int, mask: np.ndarray,
+             truth: np.ndarray | None = None, connectivity: int = 8) -> dict:
+    """A pseudo-label row of ``mask`` as refine writes it, with a random image (PNG for even ``index``, else JPEG)."""
+    truth = np.where(mask == 255, 0, mask) if truth is None else truth
+    height, width = mask.shape
     rgb = (rng.random((height, width, 3)) * 60 + truth[..., None] * 50).astype(np.uint8)
     buffer = io.BytesIO()
     fmt = "PNG" if index % 2 == 0 else "JPEG"
@@ -53,16 +63,40 @@ def synthetic_row(rng: np.random.Generator, image_id: str, split: str, index: in
            "mask": {"bytes": encode_mask(mask, voc_palette()), "path": f"{image_id}.png"},
            "labels": labels, "tag_source": "given" if index % 3 else "predicted", "provenance": "pseudo",
            "height": height, "width": width, "ignore_fraction": ignore_fraction, "pixels": pixels,
-           "boxes": mask_boxes(mask, len(CLASS_NAMES), min_pixels=BOX_MIN_PIXELS)}
+           "boxes": mask_boxes(mask, len(CLASS_NAMES), min_pixels=BOX_MIN_PIXELS, connectivity=connectivity)}
     row["confidence"] = float(rng.uniform(0.5, 1.0))
     row["label_score"] = label_score(row["confidence"], ignore_fraction)
-    return row, truth
+    return row
+
+
+def write_classes(manifest: Path) -> None:
+    atomic_write_json(manifest / "classes.json", {"class_names": CLASS_NAMES, "palette": [list(c) for c in
+                      voc_palette()], "ignore_index": 255, "source": "shapes"})
+
+
+def write_mask_inputs(root: Path, masks: dict[str, list[np.ndarray]], *, connectivity: int | None = 8,
+                      seed: int = 0) -> dict[str, Path]:
+    """Pseudo-label shards (one per split) of hand-drawn masks, named ``<split>_NN``; ``connectivity`` None
+    writes shards without the ``boxes`` metadata (as refine did before it recorded it)."""
+    rng = np.random.default_rng(seed)
+    pseudo, manifest = root / "pseudo_labels", root / "manifest"
+    boxes = None if connectivity is None else {"min_pixels": BOX_MIN_PIXELS, "connectivity": connectivity}
+    schema = pseudo_label_schema(CLASS_NAMES, voc_palette(), PRODUCER, methods=[], boxes=boxes)
+    for split, split_masks in masks.items():
+        rows = [mask_row(rng, f"{split}_{i:02d}", split, i, mask, connectivity=connectivity or 8)
+                for i, mask in enumerate(split_masks)]
+        ShardSet(pseudo).write(f"{split}-00000.parquet", pa.Table.from_pylist(rows, schema=schema),
+                               fingerprint="hand-drawn", split=split, gt_images=0,
+                               confusion=np.zeros((len(CLASS_NAMES),) * 2, dtype=np.int64).tolist())
+    write_classes(manifest)
+    return {"pseudo": pseudo, "manifest": manifest, "metrics": root / "metrics" / "pseudo_labels.json"}
 
 
 def write_inputs(root: Path, rows_per_shard: int = 3, seed: int = 0) -> dict[str, Path]:
     rng = np.random.default_rng(seed)
     pseudo, manifest, metrics = root / "pseudo_labels", root / "manifest", root / "metrics" / "pseudo_labels.json"
-    schema = pseudo_label_schema(CLASS_NAMES, voc_palette(), PRODUCER, methods=["par", "crf"])
+    schema = pseudo_label_schema(CLASS_NAMES, voc_palette(), PRODUCER, methods=["par", "crf"],
+                                 boxes={"min_pixels": BOX_MIN_PIXELS, "connectivity": 8})
     shards = ShardSet(pseudo)
     number = 0
     for split, count in SPLITS.items():
@@ -76,8 +110,7 @@ def write_inputs(root: Path, rows_per_shard: int = 3, seed: int = 0) -> dict[str
             shards.write(f"{split}-{shard:05d}.parquet", pa.Table.from_pylist(rows, schema=schema),
                          fingerprint="synthetic", split=split, gt_images=len(rows),
                          confusion=confusion.matrix.tolist())
-    atomic_write_json(manifest / "classes.json", {"class_names": CLASS_NAMES, "palette": [list(c) for c in
-                      voc_palette()], "ignore_index": 255, "source": "shapes"})
+    write_classes(manifest)
     atomic_write_json(metrics, pseudo_label_metrics(pseudo, CLASS_NAMES, ["train"], ["par", "crf"]))
     return {"pseudo": pseudo, "manifest": manifest, "metrics": metrics}
 

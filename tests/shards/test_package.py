@@ -8,17 +8,29 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pyarrow.parquet as pq
+import pycocotools.mask as mask_utils
 import pytest
 import yaml
 from PIL import Image
+from pycocotools.coco import COCO
 
 from shards.images import decode_mask, decode_mask_png
-from shards.package import CHECKSUMS_NAME, PackageError, read_checksums, verify_package, write_checksums
+from shards.package import (
+    CHECKSUMS_NAME,
+    PackageError,
+    cvat_labelmap,
+    read_checksums,
+    verify_package,
+    write_checksums,
+)
 from shards.readers import open_source
 from shards.records import voc_palette
 from shards.voc_xml import annotation_xml
 from stages import export
-from tests.export_inputs import CLASS_NAMES, PRODUCER, export_params, write_inputs
+from tests.export_inputs import BOX_MIN_PIXELS, CLASS_NAMES, PRODUCER, export_params, write_inputs, write_mask_inputs
+
+# pycocotools 2.0.11 decodes through a numpy-1 style __array__; harmless, and not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +200,119 @@ def test_a_package_of_another_version_is_refused(package, tmp_path):
     write_checksums(folder)  # even with matching checksums, the version is checked
     with pytest.raises(PackageError, match="package version 99 is not the supported 1"):
         verify_package(folder)
+
+
+def painted(coco: COCO, image_id: int, shape: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+    """An image's annotations, each decoded from its RLE and painted with its category id; no pixel twice."""
+    annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+    canvas, covered = np.zeros(shape, np.uint8), np.zeros(shape, np.int64)
+    for annotation in annotations:
+        region = mask_utils.decode(annotation["segmentation"]).astype(bool)
+        assert region.shape == shape
+        canvas[region] = annotation["category_id"]
+        covered += region
+    assert covered.max(initial=0) <= 1, "two annotations share a pixel"
+    return canvas, annotations
+
+
+def test_coco_loads_in_pycocotools_and_paints_back_every_pseudo_mask(package):
+    folder, source, _ = package
+    info = json.loads((folder / "package.json").read_text())
+    sums = read_checksums(folder)
+    assert info["coco"]["image_root"] == "voc/JPEGImages" and sorted(info["coco"]["splits"]) == ["train", "val"]
+    seen, ignored = [], 0
+    for split, entry in info["coco"]["splits"].items():
+        assert entry["annotations"] == f"coco/annotations/instances_{split}.json" and entry["annotations"] in sums
+        assert entry["connectivity"] == 8  # what the shards record for their boxes
+        coco = COCO(str(folder / entry["annotations"]))
+        assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == list(enumerate(CLASS_NAMES))[1:]
+        images = coco.loadImgs(coco.getImgIds())
+        ids = (folder / "voc" / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+        assert [image["package_image_id"] for image in images] == ids  # the package's order
+        count = 0
+        for image in images:
+            row = source[image["package_image_id"]]
+            assert (folder / info["coco"]["image_root"] / image["file_name"]).read_bytes() == row["image"]["bytes"]
+            assert (image["width"], image["height"]) == (row["width"], row["height"])
+            assert image["tag_source"] == row["tag_source"] and image["confidence"] == pytest.approx(row["confidence"])
+            mask = decode_mask_png(row["mask"]["bytes"])
+            canvas, annotations = painted(coco, image["id"], mask.shape)
+            np.testing.assert_array_equal(canvas, np.where(mask == 255, 0, mask))  # ignored pixels: in no region
+            ignored += int((mask == 255).sum())
+            for annotation in annotations:
+                region = mask_utils.decode(annotation["segmentation"]).astype(bool)
+                assert annotation["area"] == int(region.sum()) and annotation["iscrowd"] == 0
+                rle = {**annotation["segmentation"], "counts": annotation["segmentation"]["counts"].encode()}
+                assert annotation["bbox"] == mask_utils.toBbox(rle).astype(int).tolist()
+                assert annotation["tag_source"] == row["tag_source"]
+                assert annotation["confidence"] == pytest.approx(row["confidence"])
+            # regions of at least refine's min_pixels are exactly the boxes column, in its order
+            assert [{"label": a["category_id"], "x0": a["bbox"][0], "y0": a["bbox"][1],
+                     "x1": a["bbox"][0] + a["bbox"][2], "y1": a["bbox"][1] + a["bbox"][3], "pixels": a["area"]}
+                    for a in annotations if a["area"] >= BOX_MIN_PIXELS] == row["boxes"]
+            count += len(annotations)
+        assert count == entry["count"] and count >= len(images)
+        seen += ids
+    assert sorted(seen) == sorted(source) and ignored > 0
+
+
+def test_coco_of_hand_drawn_masks_an_empty_image_two_regions_and_the_recorded_connectivity(tmp_path):
+    empty = np.zeros((12, 16), np.uint8)
+    empty[5] = 255  # an ignore band and nothing else
+    two = np.zeros((12, 16), np.uint8)
+    two[1:4, 1:5] = 2
+    two[8:11, 10:15] = 2  # the same class twice, far apart
+    two[6, :] = 255
+    corner = np.zeros((12, 16), np.uint8)
+    corner[2:5, 2:5] = 1
+    corner[5:8, 5:8] = 1  # two squares of class 1 that meet at a corner only
+    corner[9:11, 0:3] = 3
+    masks = {"train": [empty, two, corner]}
+    expected = {4: [0, 2, 3], 8: [0, 2, 2]}  # annotations per image at each connectivity
+    for connectivity, recorded in ((4, 4), (8, 8), (8, None)):  # None: shards without the boxes metadata
+        root = tmp_path / f"{connectivity}-{recorded}"
+        inputs = write_mask_inputs(root, masks, connectivity=recorded)
+        export.run(export_params(splits=("train",)), inputs["pseudo"], inputs["manifest"], root / "export",
+                   progress=False)
+        info = json.loads((root / "export" / "package.json").read_text())
+        assert info["coco"]["splits"]["train"]["connectivity"] == connectivity
+        coco = COCO(str(root / "export" / "coco" / "annotations" / "instances_train.json"))
+        images = coco.loadImgs(coco.getImgIds())
+        assert [i["file_name"] for i in images] == ["train_00.png", "train_01.jpg", "train_02.png"]
+        assert [len(coco.getAnnIds(imgIds=[i["id"]])) for i in images] == expected[connectivity]
+        for image, mask in zip(images, masks["train"]):
+            canvas, annotations = painted(coco, image["id"], mask.shape)
+            np.testing.assert_array_equal(canvas, np.where(mask == 255, 0, mask))
+        regions = coco.loadAnns(coco.getAnnIds(imgIds=[images[1]["id"]]))
+        assert [(a["category_id"], a["bbox"], a["area"]) for a in regions] == [(2, [1, 1, 4, 3], 12),
+                                                                             (2, [10, 8, 5, 3], 15)]
+        verify_package(root / "export")
+
+
+def test_labelmap_names_every_class_and_the_ignore_band_in_the_package_colours(package):
+    folder, _, _ = package
+    info = json.loads((folder / "package.json").read_text())
+    lines = (folder / "voc" / "labelmap.txt").read_text().splitlines()
+    assert lines[0] == "# label:color_rgb:parts:actions"
+    entries = [line.split(":") for line in lines[1:]]
+    assert all(len(e) == 4 and e[2] == e[3] == "" for e in entries)  # no parts, no actions
+    assert [e[0] for e in entries] == [*CLASS_NAMES, "ignored"]
+    colours = [[int(v) for v in e[1].split(",")] for e in entries]
+    assert colours == [*info["palette"], info["ignore_colour"]]
+    assert colours[:len(CLASS_NAMES)] == [list(c) for c in voc_palette()[:len(CLASS_NAMES)]]
+    assert "voc/labelmap.txt" in read_checksums(folder)
+    # every colour a mask PNG is painted with is in the label map (CVAT refuses an undeclared colour)
+    for path in (folder / "voc" / "SegmentationClass").glob("*.png"):
+        rgb = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        assert {tuple(c) for c in np.unique(rgb, axis=0).tolist()} <= {tuple(c) for c in colours}
+
+
+@pytest.mark.parametrize("names, palette, needle", [
+    (["background", "a:b"], voc_palette(), "contains ':'"),
+    (["background", "#x"], voc_palette(), "starts with '#'"),
+    (["background", "ignored"], voc_palette(), "rename the class"),
+    (["background", "a", "b"], [(0, 0, 0), (1, 2, 3), (1, 2, 3)], "share the colour"),
+])
+def test_cvat_labelmap_refuses_what_cvat_could_not_read_back(names, palette, needle):
+    with pytest.raises(ValueError, match=needle):
+        cvat_labelmap(names, palette, (224, 224, 192))

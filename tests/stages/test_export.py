@@ -36,15 +36,23 @@ def test_rerun_gives_the_same_bytes_and_a_reshard_leaves_no_stale_file(inputs, t
     sums = (out / "SHA256SUMS").read_text()
     again = export.run(export_params(), inputs["pseudo"], inputs["manifest"], out, inputs["metrics"], progress=False)
     assert (out / "SHA256SUMS").read_text() == sums and again["removed"] == []
+    assert "coco/annotations/instances_val.json" in first["files"] and "voc/labelmap.txt" in first["files"]
     result = export.run(export_params(rows_per_shard=100, voc=False, splits=("train",)), inputs["pseudo"],
                         inputs["manifest"], out, None, progress=False)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "README.md", "SHA256SUMS", "data/train-00000-of-00001.parquet", "package.json", "review.html"]
-    assert "data/val-00000-of-00001.parquet" in result["removed"] and not (out / "voc").exists()
+        "README.md", "SHA256SUMS", "coco/annotations/instances_train.json", "data/train-00000-of-00001.parquet",
+        "package.json", "review.html"]
+    assert {"data/val-00000-of-00001.parquet", "coco/annotations/instances_val.json"} <= set(result["removed"])
+    assert not (out / "voc").exists()
     assert first["splits"] == {"train": 7, "val": 3} and result["splits"] == {"train": 7}
     info = json.loads((out / "package.json").read_text())
     assert info["quality"] is None  # no metrics file given: the card says quality is unknown
+    assert info["coco"]["image_root"] is None  # no VOC folder: the images are in the Parquet rows only
     verify_package(out)
+    result = export.run(export_params(rows_per_shard=100, voc=False, coco=False, splits=("train",)), inputs["pseudo"],
+                        inputs["manifest"], out, None, progress=False)
+    assert result["removed"] == ["coco/annotations/instances_train.json"] and not (out / "coco").exists()
+    assert json.loads((out / "package.json").read_text())["coco"] is None
 
 
 def review_ids(page: Path) -> list[str]:
@@ -142,13 +150,28 @@ def test_reader_refuses_a_tampered_shard_naming_it(package, tmp_path):
         PseudoLabelDataset(copy, split="val")
 
 
-def test_torchvision_example_trains_on_the_package(package):
+def test_torchvision_example_trains_on_the_package_and_saves_a_model_that_loads(package, tmp_path):
     pytest.importorskip("torchvision")
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
     from examples.train_torchvision import main
 
     torch.set_num_threads(1)
-    losses = main(["--package", str(package), "--steps", "3", "--size", "32", "--batch-size", "2", "--lr", "0.05"])
+    out = tmp_path / "runs" / "model.pt"
+    losses = main(["--package", str(package), "--steps", "3", "--size", "32", "--batch-size", "2", "--lr", "0.05",
+                   "--out", str(out), "--no-progress"])
     assert len(losses) == 3 and all(np.isfinite(losses)) and len(set(losses)) == 3
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.pt"]  # no temporary file left
+    saved = torch.load(out, weights_only=True)  # plain tensors and values: loads without running code
+    assert saved["class_names"] == CLASS_NAMES and saved["ignore_index"] == 255 and saved["steps"] == 3
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=len(saved["class_names"]))
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(saved["model"])  # strict: every key and shape matches
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, untrained[k])]
+    assert changed, "the saved weights are the untrained ones"
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 32))["out"].shape == (1, len(CLASS_NAMES), 32, 32)
 
 
 @pytest.mark.slow

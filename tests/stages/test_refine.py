@@ -52,6 +52,8 @@ def test_default_chain_rows_schema_and_stats(inputs):
     assert sorted(result["computed"]) == ["train-00000.parquet", "train-00001.parquet", "val-00000.parquet"]
     meta = read_metadata(root / "pseudo" / "train-00000.parquet")
     assert meta["kind"] == "pseudo_labels" and meta["methods"] == ["par", "crf"]
+    assert meta["boxes"] == {"min_pixels": RefineParams().boxes.min_pixels,
+                             "connectivity": RefineParams().boxes.connectivity}
     assert meta["producer"]["model_fingerprint"] == read_metadata(root / "cams" / "train-00000.parquet")[
         "producer"]["model_fingerprint"]
     hf = json.loads(pq.read_schema(root / "pseudo" / "train-00000.parquet").metadata[b"huggingface"])
@@ -188,7 +190,9 @@ def test_box_params_decide_the_boxes_and_the_shard_fingerprint(inputs, tmp_path)
     changed = refine.run(make_params(methods=(), boxes=BoxConfig(min_pixels=1, connectivity=4)), root / "cams", manifest,
                          tmp_path, progress=False)
     assert len(first["computed"]) == len(changed["computed"]) == 3  # box params are not report-only
-    rows, num_classes = rows_of(tmp_path), len(read_metadata(tmp_path / "val-00000.parquet")["class_names"])
+    meta = read_metadata(tmp_path / "val-00000.parquet")
+    assert meta["boxes"] == {"min_pixels": 1, "connectivity": 4}  # recorded: export cuts its COCO regions so
+    rows, num_classes = rows_of(tmp_path), len(meta["class_names"])
     for row in rows:
         assert row["boxes"] == mask_boxes(read_mask(row), num_classes, min_pixels=1, connectivity=4)
     assert sum(map(len, (row["boxes"] for row in rows))) > sum(map(len, default_boxes))  # specks now count
