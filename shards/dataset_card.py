@@ -102,8 +102,8 @@ def render_card(info: Mapping[str, Any]) -> str:
         coco = (f"- `coco/annotations/instances_<split>.json`: COCO instances (splits "
                 f"{', '.join(coco['splits'])}): one annotation per connected region of a class in the mask "
                 f"({connectivity}-connected), `segmentation` a compressed RLE, `bbox`, `area`, `iscrowd` 0, and the "
-                "row's `tag_source` and `confidence`; categories 1..K are the mask values, background is none and "
-                f"ignored pixels are in no annotation; {root}\n")
+                "row's `tag_source`, `provenance`, `confidence` and `label_score`; categories 1..K are the mask "
+                f"values, background is none and ignored pixels are in no annotation; {root}\n")
         correct.append("upload a split's COCO file as *COCO 1.0* to a CVAT task that holds its images")
     else:
         coco = ""

@@ -6,7 +6,7 @@ Layout (``PACKAGE_VERSION`` 1)::
         README.md                               dataset card: YAML header + how to use (shards/dataset_card.py)
         package.json                            the same facts for programs: version, classes, palette, splits
         SHA256SUMS                              sha256 of every other file; ``sha256sum -c SHA256SUMS`` checks it
-        review.html                             review page: the lowest-confidence rows as thumbnails (shards/review.py)
+        review.html                             review page: the lowest-label-score rows as thumbnails (shards/review.py)
         data/<split>-00000-of-00002.parquet     pseudo-label rows (schema: shards/pseudo_labels.py)
         voc/JPEGImages/<id>.jpg|.png            optional VOC-style copy: images as stored,
         voc/SegmentationClass/<id>.png          the pseudo masks (palette PNG, 255 = ignore),
@@ -141,13 +141,16 @@ def write_coco_rows(table: pa.Table, coco: CocoWriter) -> int:
     """The images and mask regions of ``table`` into a split's COCO file; returns the annotations added."""
     added = 0
     columns = ["image_id", "image", "mask", "height", "width", "tag_source", "confidence", "ignore_fraction"]
+    columns += [c for c in ("provenance", "label_score") if c in table.column_names]  # older shards lack them
     for row in table.select(columns).to_pylist():
         mask = decode_mask_png(row["mask"]["bytes"])
         if mask.shape != (row["height"], row["width"]):
             raise ValueError(f"image {row['image_id']!r}: its mask is {mask.shape[1]}x{mask.shape[0]} px, the row "
                              f"says {row['width']}x{row['height']}; run refine again")
         confidence = None if row["confidence"] is None else round(row["confidence"], 6)
-        provenance = {"tag_source": row["tag_source"], "confidence": confidence}
+        provenance = {"tag_source": row["tag_source"], "confidence": confidence,
+                      **({"provenance": row["provenance"]} if row.get("provenance") else {}),
+                      **({"label_score": round(row["label_score"], 6)} if row.get("label_score") is not None else {})}
         try:
             added += coco.add_image(f"{row['image_id']}.{image_extension(row['image']['bytes'])}", mask,
                                     image_extra={"package_image_id": row["image_id"], **provenance,
