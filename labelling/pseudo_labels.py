@@ -25,7 +25,7 @@ from parallel import shard_map
 from refinement.chain import check_methods, refine_chunk
 from shards.boxes import mask_boxes
 from shards.cams import decode_affinity, decode_cams, decode_fg
-from shards.corrections import corrections_of, load_correction
+from shards.corrections import CorrectionError, corrections_of, load_correction
 from shards.fingerprint import code_version, fingerprint, hash_params
 from shards.images import decode_mask_png, decode_rgb, encode_mask, long_side_size, resize_long
 from shards.io import ShardSet, atomic_write_json, read_metadata
@@ -157,14 +157,19 @@ def refine_cams(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metri
     producer = {"stage": "refine", "code_version": code, "params_fingerprint": hash_params(shard_params)[:32],
                 "model_fingerprint": model}  # the classifier behind the CAMs
     corrections = corrections_of(corrections_dir, classes["class_names"])
+    shard_ids = {name: pq.ParquetFile(cams_dir / name).read(columns=["image_id"]).column("image_id").to_pylist()
+                 for name in sorted(cam_index)} if corrections else {}
+    unknown = sorted(set(corrections) - {i for ids in shard_ids.values() for i in ids})
+    if unknown:  # before any work: a correction of an image that is not (or no longer) in the data
+        raise CorrectionError(f"{corrections_dir}: corrections of {len(unknown)} image(s) that are not in "
+                              f"{cams_dir}: {unknown[:5]}; remove them from the set or restore the images")
     shards = ShardSet(out_dir)
     tasks, skipped = [], []
     for name in sorted(cam_index):
         extra = {"cams": cam_index[name]["sha256"], "device": device, "manifest": manifest_index[name]["sha256"]}
         corrected = {}
         if corrections:
-            ids = pq.ParquetFile(cams_dir / name).read(columns=["image_id"]).column("image_id").to_pylist()
-            corrected = {image_id: corrections[image_id] for image_id in ids if image_id in corrections}
+            corrected = {image_id: corrections[image_id] for image_id in shard_ids[name] if image_id in corrections}
         if corrected:  # only then: the key of a shard without corrections stays what it was
             extra["corrections"] = corrected
         key = fingerprint(shard_params, code=code, extra=extra)

@@ -21,7 +21,8 @@ Corrections (``--corrections``, default ``data/corrections/dataset``, written by
 ``shards/corrections.py``): the corrected mask of an image replaces its pseudo mask (``provenance: corrected``,
 confidence 1). The fingerprint of a shard holding a corrected image includes that correction's sha256, so importing
 corrections reruns only those shards. ``metrics/pseudo_labels.json`` reports all images and, under
-``uncorrected``, the images no human corrected. A correction set of another class list stops the stage (exit 2).
+``uncorrected``, the images no human corrected. A correction set of another class list, or with corrections of
+images that are not in the CAM shards, stops the stage before any work (exit 2).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from config.cli import stage_arguments
 from config.schema import Params, load_params_or_exit
 from labelling.pseudo_labels import first_cam_row, refine_cams
 from refinement.chain import check_methods
-from shards.corrections import CORRECTIONS_DIR, DATASET_TARGET, corrections_of
+from shards.corrections import CORRECTIONS_DIR, DATASET_TARGET, CorrectionError, corrections_of
 from shards.manifest import read_classes
 
 
@@ -58,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # CorrectionError is a ValueError too
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run(params, Path(args.cams), Path(args.manifest), Path(args.out), Path(args.metrics), Path(args.overlays),
-        corrections_dir=corrections)
+    try:
+        run(params, Path(args.cams), Path(args.manifest), Path(args.out), Path(args.metrics), Path(args.overlays),
+            corrections_dir=corrections)
+    except CorrectionError as exc:  # raised before any shard is computed
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -230,3 +230,29 @@ def test_a_correction_replaces_its_mask_and_reruns_only_its_shard(inputs, tmp_pa
     assert metrics["corrected_images"] == 1 and metrics["uncorrected"]["gt_images"] == metrics["gt_images"] - 1
     again = refine.run(make_params(), root / "cams", manifest, out, progress=False, corrections_dir=tmp_path / "set")
     assert again["computed"] == []
+
+
+def test_a_correction_of_an_image_not_in_the_data_stops_refine_before_any_work(inputs, tmp_path, capsys):
+    import yaml
+
+    from conftest import tiny_params
+    from shards.corrections import Target, import_corrections
+    from shards.manifest import read_classes
+
+    root, manifest, _ = inputs
+    classes = read_classes(manifest)
+    export = tmp_path / "export"
+    export.mkdir()
+    image = Image.fromarray(np.zeros((8, 8), np.uint8), "P")
+    image.save(export / "gone.png")
+    target = Target("dataset", tuple(classes["class_names"]), tuple(map(tuple, classes["palette"])),
+                    {"gone": (8, 8)})  # an image the set knew, no longer in the data
+    import_corrections(export, tmp_path / "set", target)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    out = tmp_path / "pseudo"
+    code = refine.main(["--params", str(tmp_path / "params.yaml"), "--cams", str(root / "cams"), "--manifest",
+                        str(manifest), "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--overlays",
+                        str(tmp_path / "ov"), "--corrections", str(tmp_path / "set")])
+    error = capsys.readouterr().err
+    assert code == 2 and "corrections of 1 image(s) that are not in" in error and "gone" in error, error
+    assert not out.exists() or not list(out.glob("*.parquet"))
