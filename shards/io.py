@@ -55,6 +55,10 @@ def pause_point(kind: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+_UMASK = os.umask(0o022)  # read the process umask (the call sets one, so set it straight back)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[str]:
     """A temporary name in ``path``'s folder to write to; fsync-ed and ``os.replace``-d onto ``path`` on success,
@@ -67,6 +71,7 @@ def atomic_path(path: str | Path) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the mode open() would give it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

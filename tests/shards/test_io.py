@@ -101,3 +101,14 @@ def test_pause_point_stops_the_writer_after_its_nth_shard_and_is_a_no_op_unset(t
     proc = subprocess.run([*cmd[:3], str(tmp_path / "other")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert len(ShardSet(tmp_path / "other").index()) == 3
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    import os
+    import stat
+
+    from shards.io import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "a.json", b"{}")
+    (tmp_path / "plain.json").write_bytes(b"{}")  # what open() gives under this process's umask
+    assert stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain.json").st_mode)
