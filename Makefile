@@ -26,7 +26,7 @@ $(STAMP): requirements.lock
 demo: setup
 	@git rev-parse --git-dir >/dev/null 2>&1 || { git init -q && git add -A && git commit -qm "initial"; }
 	dvc repro
-	dvc metrics show
+	$(PY) -m pipeline summary
 
 # Two pytest workers (pytest-xdist), one test file each at a time: most tests keep one core busy.
 test: setup

@@ -2,6 +2,7 @@
 
     python -m pipeline register <folder or fsspec URL> [--name NAME]   a new collection (relabel@NAME in dvc.yaml)
     python -m pipeline collections                                     registered collections and their versions
+    python -m pipeline summary                                         each stage's headline figures
     python -m pipeline server                                          the project's Prefect server (api_url)
     python -m pipeline serve                                           the deployments, on the project's server
     python -m pipeline produce [STAGE ...]                             the training DAG as a flow run
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("path", help="a folder, or any fsspec URL of one (s3://..., memory://...)")
     reg.add_argument("--name", help="collection name (default: from the folder name)")
     commands.add_parser("collections", help="list the registered collections and their current versions")
+    commands.add_parser("summary", help="the headline figures of each stage (what `make demo` ends with)")
     commands.add_parser("server", help="start the project's Prefect server (at orchestration.api_url)")
     commands.add_parser("serve", help="serve the deployments (needs the project's Prefect server)")
     prod = commands.add_parser("produce", help="run the training DAG as a flow")
@@ -64,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import codedeps
 
         return codedeps.main(args.check, root / "dvc.yaml")
+    if args.command == "summary":
+        from pipeline import summary
+
+        return summary.main(root)
     if args.command == "params":
         from pipeline import params_files
 

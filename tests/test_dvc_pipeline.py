@@ -39,6 +39,15 @@ def test_dvc_repro_runs_every_stage_then_is_a_no_op(trained_project):
     assert json.loads(status) == {}
 
 
+def test_the_summary_make_demo_ends_with_reads_the_project(trained_project):
+    import sys
+
+    out = run([sys.executable, "-m", "pipeline", "summary"], trained_project.root).stdout
+    classifier = json.loads((trained_project.root / "metrics/classifier.json").read_text())
+    assert f"val F1 {classifier['f1']:.3f}" in out and "not run yet" not in out, out
+    assert "data/export: train" in out and "review.html" in out
+
+
 def test_dvc_repro_through_evaluate_writes_the_segmenter_metrics_and_plots(trained_project):
     project = trained_project.root
     segmenter = json.loads((project / "metrics/segmenter.json").read_text())
