@@ -26,6 +26,9 @@ $(STAMP): requirements.lock
 demo: setup
 	@git rev-parse --git-dir >/dev/null 2>&1 || { git init -q && git add -A && git commit -qm "initial"; }
 	dvc repro
+	@# The outputs go to the configured DVC remote (.dvc/config: ./.dvc-remote unless you set another), so that a clone
+	@# of this repository can `dvc get` / `dvc import` them; dvc.lock is staged in git by DVC (core.autostage).
+	dvc push -q || echo "warning: dvc push to the configured remote failed; the outputs are only in this workspace" >&2
 	$(PY) -m pipeline summary
 
 # Two pytest workers (pytest-xdist), one test file each at a time: most tests keep one core busy.

@@ -190,14 +190,19 @@ def test_dvc_get_from_a_clone_with_its_remote_returns_a_package_that_verifies(in
     run(["git", "add", "dvc.lock", ".dvc/config", "data/.gitignore"], project)
     run(["git", "commit", "-qm", "export"], project)
 
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
-    assert not (clone / "data" / "export").exists()  # only the remote has the package
-    run(["dvc", "get", str(clone), "data/export", "-o", str(tmp_path / "download")], tmp_path)
+    # As the README shows it, against a Git URL: a bare repository (what a server holds) by its file:// URL.
+    bare = tmp_path / "published.git"
+    run(["git", "clone", "-q", "--bare", str(project), str(bare)], tmp_path)
+    url = bare.as_uri()
+    run(["dvc", "get", url, "data/export", "-o", str(tmp_path / "download")], tmp_path)
     download = tmp_path / "download"
     info = verify_package(download)
     assert info["splits"]["train"]["images"] == 7
     assert (download / "SHA256SUMS").read_text() == (project / "data" / "export" / "SHA256SUMS").read_text()
+    user = make_project(tmp_path / "user", tiny_params())  # someone else's DVC project
+    run(["dvc", "import", url, "data/export", "-o", "data/pseudo_labels_import"], user)
+    assert verify_package(user / "data" / "pseudo_labels_import")["splits"]["val"]["images"] == 3
+    assert (user / "data" / "pseudo_labels_import.dvc").is_file()  # tracked: `dvc update` pulls new versions
     dvc_api = pytest.importorskip("dvc.api")
-    with dvc_api.open("data/export/data/val-00000-of-00001.parquet", repo=str(clone), mode="rb") as handle:
+    with dvc_api.open("data/export/data/val-00000-of-00001.parquet", repo=url, mode="rb") as handle:
         assert pq.read_table(io.BytesIO(handle.read())).num_rows == 3  # one shard, without the rest
