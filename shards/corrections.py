@@ -44,7 +44,7 @@ import numpy as np
 from shards.files import read_source_file
 from shards.images import decode_mask, decode_mask_png, encode_mask
 from shards.io import atomic_write_bytes, atomic_write_json
-from shards.readers.coco import CocoMask, _categories, _load_json, _plan_split
+from shards.readers.coco import CocoMask, load_coco_json, plan_split, sorted_categories
 from shards.records import IGNORE_INDEX, DataError, RejectError, check_image_id
 
 CORRECTIONS_DIR = "data/corrections"
@@ -151,15 +151,15 @@ def _coco_masks(files: list[Path], target: Target) -> tuple[dict[str, tuple[Any,
     index = {name: number for number, name in enumerate(target.class_names) if number}
     found, rejects = {}, []
     for path in files:
-        data = _load_json(path)
+        data = load_coco_json(path)
         class_map = {}
-        for category in _categories(data, path):
+        for category in sorted_categories(data, path):
             name = str(category.get("name"))
             if name not in index:
                 raise CorrectionError(f"{path}: category {name!r} is not in the class list "
                                       f"{list(target.class_names[1:])}")
             class_map[int(category["id"])] = index[name]
-        _, _, _, rows, _ = _plan_split("corrections", path, data, class_map, path.parent, crowd_ignore=True)
+        _, _, _, rows, _ = plan_split("corrections", path, data, class_map, path.parent, crowd_ignore=True)
         for image, shapes, problem in rows:
             image_id = os.path.splitext(os.path.basename(image["file_name"].replace("\\", "/")))[0]
             if problem is not None:

@@ -94,10 +94,8 @@ def read_source_file(path: str | os.PathLike, *, max_bytes: int, root: str | os.
 
 def classify(path: Path, root: Path, *, max_bytes: int, allow_outside: bool) -> str | None:
     """Why the file at ``path`` (a non-folder entry of a listing) cannot be an input, or ``None`` if it can."""
-    try:
-        check_location(path, root, allow_outside)
-    except RejectError as exc:
-        return str(exc).split(" (", 1)[0]
+    if not allow_outside and not inside(path, root):
+        return "link leaves the dataset root"
     try:
         info = os.stat(path)
     except OSError:

@@ -171,7 +171,7 @@ def segmentation_problem(segmentation) -> str | None:
 _NONE = object()
 
 
-def _load_json(path: Path) -> dict:
+def load_coco_json(path: Path) -> dict:
     try:
         with path.open(encoding="utf-8") as handle:
             data = json.load(handle)
@@ -182,7 +182,7 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def _categories(data: dict, path: Path) -> list[dict]:
+def sorted_categories(data: dict, path: Path) -> list[dict]:
     categories = data.get("categories")
     if not isinstance(categories, list) or not categories:
         raise DataError(f"{path}: no 'categories' list")
@@ -195,7 +195,7 @@ def _categories(data: dict, path: Path) -> list[dict]:
 def coco_class_names(annotation_file: str | os.PathLike) -> tuple[str, ...]:
     """Class names of a COCO annotation file, in category-id order."""
     path = Path(annotation_file)
-    return tuple(str(c["name"]) for c in _categories(_load_json(path), path))
+    return tuple(str(c["name"]) for c in sorted_categories(load_coco_json(path), path))
 
 
 def coco_layout(root: str | os.PathLike, splits: Sequence[str]) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -226,7 +226,7 @@ def _class_map(data: dict, path: Path, class_names: tuple[str, ...]) -> dict[int
     """Category id -> class id 1..K, by name into ``class_names``."""
     index = {name: number for number, name in enumerate(class_names, start=1)}
     mapping = {}
-    for category in _categories(data, path):
+    for category in sorted_categories(data, path):
         name = str(category.get("name"))
         if name not in index:
             raise DataError(f"{path}: category {name!r} (id {category['id']}) is not in the class list")
@@ -246,12 +246,12 @@ def _read_coco(root: str | os.PathLike, *, annotation_files: Mapping[str, str | 
     dirs = {split: root / path for split, path in (image_dirs or {}).items()}
     loaded = {}
     for split, path in files.items():  # everything is loaded and checked before the first record
-        data = _load_json(path)
+        data = load_coco_json(path)
         if class_names is None:
-            class_names = tuple(str(c["name"]) for c in _categories(data, path))
+            class_names = tuple(str(c["name"]) for c in sorted_categories(data, path))
         loaded[split] = (path, data, _class_map(data, path, tuple(class_names)),
                          dirs[split] if split in dirs else _default_image_dir(root, path))
-    plans = [_plan_split(split, *loaded[split], crowd_ignore=crowd_ignore) for split in loaded]
+    plans = [plan_split(split, *loaded[split], crowd_ignore=crowd_ignore) for split in loaded]
     return tuple(class_names or ()), _records(plans)
 
 
@@ -264,7 +264,7 @@ def read_coco(root: str | os.PathLike, *, annotation_files: Mapping[str, str | o
                       splits=splits, crowd_ignore=crowd_ignore)[1]
 
 
-def _plan_split(split: str, path: Path, data: dict, class_map: dict[int, int], image_dir: Path, *,
+def plan_split(split: str, path: Path, data: dict, class_map: dict[int, int], image_dir: Path, *,
                 crowd_ignore: bool) -> tuple:
     """Validate one file and group its annotations by image: ``(split, image_dir, [(image, shapes, problem)])``.
 
