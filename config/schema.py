@@ -69,6 +69,8 @@ class OrchestrationConfig:
     summary_rows: int = param(50, lo=0, help="rows of the per-image table artifact")
     review_rows: int = param(200, lo=0, help="rows of a relabelled version's review.html (lowest confidence "
                                             "first); 0 = no page")
+    gallery_images: int = param(8, lo=0, hi=200, help="images in the UI's gallery artifact: thumbnails, most "
+                                                      "doubtful first (~10 kB each); 0 = none")
 
     def validate(self) -> None:
         if len(self.relabel_cron.split()) not in (5, 6):
@@ -161,6 +163,17 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class FeatureStatsConfig:
+    """The training data's pooled-feature statistics, stored beside the weights for the OOD score of new images
+    (training/feature_stats.py)."""
+
+    images: int = param(512, lo=0, help="training images whose pooled features give the statistics; 0 = none "
+                                        "(no OOD scores)")
+    quantile: float = param(0.99, lo=0.5, hi=1.0, help="OOD score 1 = this quantile of held-out images' distance")
+    shrinkage: float = param(0.1, lo=0.0, hi=1.0, help="covariance shrinkage towards a scaled identity")
+
+
+@dataclass(frozen=True)
 class ClassifierParams:
     """``train_classifier``: the ToCo network, its losses, augmentation and schedule (METHODS.md §1)."""
 
@@ -173,6 +186,8 @@ class ClassifierParams:
     eval_size: int = param(256, lo=16, help="long side of val images for F1 and CAM metrics (as dump_cams."
                                             "predict_size)")
     loop: LoopConfig = section(LoopConfig, "logging, periodic F1 and CAM mIoU, checkpoints")
+    feature_stats: FeatureStatsConfig = section(FeatureStatsConfig, "the training images' feature statistics "
+                                                "(out-of-distribution scores of new images)")
 
     def validate(self) -> None:
         if self.loss.use_ptc and not self.model.use_aux:
@@ -200,7 +215,8 @@ class DumpCamsParams:
     cam_size: int = param(192, lo=0, hi=4096, help="long side of the stored CAMs; 0 = image_size")
     batch_size: int = param(16, lo=1, help="images per network batch")
     aux: bool = param(False, help="also store the auxiliary head's CAMs")
-    predict_threshold: float = param(0.5, lo=0.0, hi=1.0, help="untagged rows: classes with sigmoid > this")
+    predict_threshold: float = param(0.5, lo=0.0, hi=1.0, help="untagged rows: classes with sigmoid > this (none clears "
+                                                                 "it: tag source unknown, see refine.no_known_class)")
     predict_size: int = param(256, lo=0, hi=4096, help="long side for tag scores; 0 = image_size")
     bkg_threshold: float = param(0.5, lo=0.0, hi=1.0, help="metrics: plain-rule background threshold")
     eval_split: str = param("train", help="split whose ground truth gives metrics/cams.json")
@@ -262,6 +278,9 @@ class RefineParams:
     boxes: BoxConfig = section(BoxConfig, "per-instance boxes (column boxes)")
     eval_splits: tuple[str, ...] = param(("train",), help="splits whose ground truth gives the metrics")
     overlays: int = param(8, lo=0, help="overlay PNGs written to metrics/overlays")
+    no_known_class: str = param("ignore", choices=("ignore", "exclude"),
+                                help="untagged images where no class clears dump_cams.predict_threshold: ignore = a "
+                                     "row whose mask is all 255, exclude = no row; summaries list both with scores")
 
     def validate(self) -> None:
         if len(set(self.methods)) != len(self.methods):

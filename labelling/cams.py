@@ -34,9 +34,11 @@ from shards.metrics import SWEEP, ThresholdSweep
 from training import runtime as rt
 from training.classifier_model import load_classifier
 from training.data import to_tensor
+from training.feature_stats import pooled_features
 
 log = logging.getLogger("dump_cams")
-REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
+REPORT_ONLY = ("eval_split", "bkg_threshold")
+UNKNOWN = "unknown"  # the tag source of an untagged row whose classes none clears predict_threshold  # decide metrics, not shard bytes: kept out of the fingerprint
 
 
 def padded_size(height: int, width: int, p: DumpCamsParams) -> tuple[int, int]:
@@ -81,8 +83,9 @@ def scale1_affinity(enc: dict[str, Any], batch: int) -> torch.Tensor | None:
 
 
 def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor, heads: tuple[str, ...] = (),
-                 ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None]:
-    """Sigmoid scores (B, K) from the classifier's pooling (``ToCo.pooled_logits``) over the image's tokens only.
+                 ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None, torch.Tensor]:
+    """Sigmoid scores (B, K) from the classifier's pooling (``ToCo.pooled_logits``) over the image's tokens only,
+    and the pooled features (B, C) behind them (the OOD score's input, training/feature_stats.py).
 
     With ``heads`` the pass runs on [images, flipped images], which is scale 1 of the multi-scale CAM, and also
     returns that pass's raw maps per head (full K), each (2B, ., h, w), and its AFA affinity, for ``_SlotCams``.
@@ -92,7 +95,8 @@ def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tens
     tokens = enc["tokens"][:B].float()  # (B, C, h, w)
     inside = valid_at_tokens(valid, tokens.shape[-2:])  # (B, h, w)
     scores = model.pooled_logits(tokens, "final", inside).float().sigmoid()  # (B, K)
-    return scores, ((model.head_maps(enc, heads), scale1_affinity(enc, B)) if heads else None)
+    features = pooled_features(tokens, inside)  # (B, C)
+    return scores, ((model.head_maps(enc, heads), scale1_affinity(enc, B)) if heads else None), features
 
 
 def predict_view(images: torch.Tensor, valid: torch.Tensor, p: DumpCamsParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,11 +109,13 @@ def predict_view(images: torch.Tensor, valid: torch.Tensor, p: DumpCamsParams) -
 
 
 def choose_classes(tags: list[int] | None, scores: np.ndarray, threshold: float) -> tuple[list[int], str]:
-    """Class ids 1..K of a row and its tag source."""
+    """Class ids 1..K of a row and its tag source: "given" (the row's tags), "predicted" (an untagged row: every
+    class whose score clears ``threshold``) or "unknown" (an untagged row where no class does: no known class, no
+    class is forced on it; ``refine.no_known_class`` decides what its pseudo label is)."""
     if tags is not None:
         return sorted(set(int(t) for t in tags)), "given"
     picked = [k + 1 for k in np.flatnonzero(scores > threshold)]
-    return (picked or [int(scores.argmax()) + 1]), "predicted"
+    return (picked, "predicted") if picked else ([], UNKNOWN)
 
 
 @torch.no_grad()
@@ -137,10 +143,12 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     reuse = 1.0 in p.scales and p.predict_size in (0, p.image_size)
     with env.autocast(p.bf16):
         if reuse:
-            scores, first = class_scores(model, images, valid, heads)
+            scores, first, features = class_scores(model, images, valid, heads)
         else:
-            scores, first = class_scores(model, *predict_view(images, valid, p))
+            scores, first, features = class_scores(model, *predict_view(images, valid, p))
     scores = scores.cpu().numpy()  # (B, K)
+    stats = getattr(model, "feature_stats", None)
+    ood = stats.scores(features) if stats is not None else [None] * len(rows)
     chosen = [choose_classes(row["tags"], scores[b], p.predict_threshold) for b, row in enumerate(rows)]
     slots = max(1, max(len(c) for c, _ in chosen))
     class_index = torch.zeros(len(rows), slots, dtype=torch.long)
@@ -176,6 +184,7 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
             "image_id": row["image_id"], "split": row["split"], "height": row["height"], "width": row["width"],
             "cam_height": ch, "cam_width": cw, "classes": classes,
             "scores": [float(scores[b, c - 1]) for c in classes], "tag_source": source,
+            "all_scores": [float(s) for s in scores[b]], "ood_score": None if ood[b] is None else float(ood[b]),
             "cams": stored["final"], "aux_cams": stored.get("aux"), "fg": stored.get("fg"),
             "affinity": None, "aff_height": None, "aff_width": None,
         }
@@ -230,6 +239,14 @@ def cam_metrics(cams_dir: Path, manifest_dir: Path, split: str, class_names: lis
             sweep.update(gt, value, label)
     metrics, curve = sweep.report(class_names, bkg_threshold, SWEEP)
     return {**metrics, "split": split}, curve
+
+
+def ood_counts(paths: list[Path]) -> dict[str, Any]:
+    """How many rows of CAM shards have an OOD score, and how many of those are above 1 (unlike the training data)."""
+    scores = [v for path in paths if "ood_score" in pq.read_schema(path).names
+              for v in pq.read_table(path, columns=["ood_score"]).column("ood_score").to_pylist() if v is not None]
+    return {"ood_scored": len(scores), "unlike_training": sum(v > 1.0 for v in scores),
+            "median_ood_score": round(float(np.median(scores)), 4) if scores else None}
 
 
 @dataclass(frozen=True)
@@ -312,7 +329,8 @@ def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, m
                               "seconds": round(busy, 3)}
     if metrics_path is not None and p.eval_split in p.splits:
         metrics, curve = cam_metrics(out_dir, manifest_dir, p.eval_split, classes["class_names"], p.bkg_threshold)
-        metrics.update(scales=list(p.scales), image_size=p.image_size, cam_size=p.cam_size or p.image_size)
+        metrics.update(scales=list(p.scales), image_size=p.image_size, cam_size=p.cam_size or p.image_size,
+                       **ood_counts(shards.files()))
         atomic_write_json(metrics_path, metrics)
         atomic_write_json(Path(metrics_path).with_name("cams_curve.json"), {"curve": curve})
         result["metrics"] = metrics

@@ -23,6 +23,7 @@ from config.loader import to_dict
 from config.schema import RefineParams
 from parallel import shard_map
 from refinement.chain import check_methods, refine_chunk
+from labelling.cams import UNKNOWN
 from shards.boxes import mask_boxes
 from shards.cams import decode_affinity, decode_cams, decode_fg
 from shards.corrections import CorrectionError, corrections_of, load_correction
@@ -32,6 +33,7 @@ from shards.io import ShardSet, atomic_write_json, read_metadata
 from shards.manifest import read_classes
 from shards.metrics import ConfusionMatrix
 from shards.overlays import write_overlays
+from shards.records import IGNORE_INDEX
 from shards.pseudo_labels import label_score, mask_stats, pseudo_label_metrics, pseudo_label_schema
 
 log = logging.getLogger("refine")
@@ -66,24 +68,34 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
     order = sorted(range(len(cams)), key=lambda i: (work[i], i))  # similar sizes share a PAR batch
     confusion, gt_images, rows = ConfusionMatrix(num_classes), 0, [None] * len(cams)
     uncorrected, gt_uncorrected = ConfusionMatrix(num_classes), 0
-    for start in range(0, len(order), p.batch_size):
-        chunk = order[start: start + p.batch_size]
-        # a writeable copy: torch and pydensecrf refuse PIL's read-only buffers
-        rgbs = [np.array(resize_long(decode_rgb(manifest[i]["image"]["bytes"]), max(work[i]))) for i in chunk]
-        extras = [{"fg": decode_fg(cams[i]), "affinity": decode_affinity(cams[i])} for i in chunk]
-        results = refine_chunk(rgbs, [decode_cams(cams[i]) for i in chunk], [cams[i]["classes"] for i in chunk],
-                               p, torch.device(task.device), extras)
-        for i, (mask, confidence) in zip(chunk, results):
+    unknown = {i for i, row in enumerate(cams)  # no known class (dump_cams): nothing to refine
+               if row["tag_source"] == UNKNOWN and row["image_id"] not in task.corrected}
+    refined = [i for i in order if i not in unknown]
+    blank: list[tuple[int, tuple[np.ndarray, float, float | None]]] = [
+        (i, (np.full((cams[i]["height"], cams[i]["width"]), IGNORE_INDEX, np.uint8), 0.0, None))
+        for i in sorted(unknown) if p.no_known_class == "ignore"]
+    chunks = [refined[start: start + p.batch_size] for start in range(0, len(refined), p.batch_size)]
+    for chunk in chunks + ([[i for i, _ in blank]] if blank else []):
+        if chunk and chunk[0] in unknown:
+            results = [result for _, result in blank]
+        else:
+            # a writeable copy: torch and pydensecrf refuse PIL's read-only buffers
+            rgbs = [np.array(resize_long(decode_rgb(manifest[i]["image"]["bytes"]), max(work[i]))) for i in chunk]
+            extras = [{"fg": decode_fg(cams[i]), "affinity": decode_affinity(cams[i])} for i in chunk]
+            results = refine_chunk(rgbs, [decode_cams(cams[i]) for i in chunk], [cams[i]["classes"] for i in chunk],
+                                   p, torch.device(task.device), extras)
+        for i, (mask, confidence, object_confidence) in zip(chunk, results):
             row, height, width = cams[i], cams[i]["height"], cams[i]["width"]
             if mask.shape != (height, width):
                 mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
-            provenance, labels = "pseudo", row["classes"]
+            provenance = "pseudo"
             if row["image_id"] in task.corrected:  # a human's mask wins over the pseudo label
                 mask, confidence, provenance = load_correction(task.corrections_dir, row["image_id"]), 1.0, "corrected"
+                object_confidence = 1.0
                 if mask.shape != (height, width):
                     raise ValueError(f"{task.corrections_dir}: correction of {row['image_id']} is "
                                      f"{mask.shape[1]}x{mask.shape[0]}, the image {width}x{height}")
-                labels = sorted(int(v) for v in np.unique(mask) if 0 < v < num_classes)
+            labels = sorted(int(v) for v in np.unique(mask) if 0 < v < num_classes)  # the classes the mask holds
             ignore_fraction, pixels = mask_stats(mask, num_classes)
             truth = manifest[i]["mask"]
             if truth and truth.get("bytes"):
@@ -98,15 +110,17 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
                        "labels": labels, "tag_source": row["tag_source"], "provenance": provenance,
                        "height": height, "width": width,
                        "ignore_fraction": ignore_fraction, "confidence": confidence,
+                       "object_confidence": object_confidence,
                        "label_score": 1.0 if provenance == "corrected" else label_score(confidence, ignore_fraction),
                        "pixels": pixels,
                        "boxes": mask_boxes(mask, num_classes, min_pixels=p.boxes.min_pixels,
                                            connectivity=p.boxes.connectivity)}
     schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods,
                                  boxes=to_dict(p.boxes))
+    rows = [row for row in rows if row is not None]  # no row for an excluded image (no_known_class: exclude)
     return ShardSet(task.out_dir).write(task.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=task.key,
                                         split=task.name.rsplit("-", 1)[0], gt_images=gt_images,
-                                        confusion=confusion.matrix.tolist(),
+                                        confusion=confusion.matrix.tolist(), no_known_class=len(unknown),
                                         **({"corrected": len(task.corrected), "gt_uncorrected": gt_uncorrected,
                                             "confusion_uncorrected": uncorrected.matrix.tolist()}
                                            if task.corrected else {}))

@@ -1,8 +1,10 @@
 """What a run shows in the Prefect UI, built from the stages' JSON summaries and metrics (never from tensors).
 
-Every run publishes: a markdown summary (counts, rejects, timings, which classifier and params), a per-class table,
-links to overlay images and to the review page (``review.html``, shards/review.py), a rejects table and a progress
-artifact. The builders are plain functions (markdown text,
+Every run publishes: a markdown summary (warnings first, then counts, rejects, timings, which classifier and params),
+a per-class table, a per-image table, a gallery (markdown with embedded thumbnails of the most doubtful images and a
+colour legend, shards/gallery.py: the Prefect UI shows its pictures in any browser that reaches the UI), the path
+of the review page (``review.html``, shards/review.py), a rejects table and a progress artifact. The builders are
+plain functions (markdown text,
 table rows) so that they can be tested without a server; ``publish_*`` hand them to Prefect.
 """
 
@@ -16,6 +18,7 @@ from typing import Any, Iterable
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from shards.fingerprint import classifier_fingerprint
+from shards.gallery import gallery_markdown
 from shards.review import REVIEW_NAME
 
 
@@ -53,6 +56,7 @@ def collection_markdown(name: str, status: str, current: dict[str, Any] | None, 
     summary = (current or {}).get("summary")
     if not summary:
         return "\n".join(lines + ["No pseudo labels yet."])
+    lines += [f"> **Warning**: {w}\n" for w in summary.get("warnings", [])]
     p = summary.get("params", {})
     t = summary.get("timings", {})
     metrics = summary.get("metrics", {})
@@ -63,7 +67,12 @@ def collection_markdown(name: str, status: str, current: dict[str, Any] | None, 
         ("images", f"{summary['images']} labelled of {summary['inputs']} inputs"),
         ("rejects", summary["rejects"]),
         ("tags", f"{summary['predicted']} predicted by the classifier, {summary['given']} given"),
-        ("mean confidence", metrics.get("mean_confidence")),
+        ("no known class", f"{summary.get('no_known_class', 0)} (no class scored above predict_threshold; "
+                           f"refine.no_known_class: {summary.get('no_known_class_param', 'ignore')})"),
+        ("unlike the training images", f"{summary.get('unlike_training', 0)} of {summary.get('ood_scored', 0)} "
+                                       "images with an OOD score (above 1)"),
+        ("mean object confidence", f"{_fmt(summary.get('mean_object_confidence'))} over the pixels labelled with a "
+                                   f"class ({summary.get('without_objects', 0)} images have none)"),
         ("mean ignore fraction", metrics.get("mean_ignore_fraction")),
         ("mIoU / coverage (where masks exist)", f"{_fmt(metrics.get('miou'))} / {_fmt(metrics.get('coverage'))}"),
         ("timings (s)", ", ".join(f"{k} {t[k]}" for k in ("prepare", "dump_cams", "refine", "total") if k in t)
@@ -83,6 +92,11 @@ def collection_markdown(name: str, status: str, current: dict[str, Any] | None, 
     if summary.get("reject_rows"):
         lines += ["", "## Rejects", "", "| image | path | reason |", "| --- | --- | --- |"]
         lines += [f"| {r['image_id']} | {r['path']} | {r['reason']} |" for r in summary["reject_rows"]]
+    unknown = summary.get("no_known_class_rows") or []
+    if unknown:
+        lines += ["", "## No known class", "", "| image | best scores | OOD score | row |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['image_id']} | {', '.join(f'{c} {s:.2f}' for c, s in r['best_scores'])} | "
+                  f"{_fmt(r['ood_score'])} | {r['row']} |" for r in unknown]
     return "\n".join(lines)
 
 
@@ -93,7 +107,8 @@ def class_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def image_rows(summary: dict[str, Any], limit: int) -> list[dict[str, Any]]:
     """The ``limit`` most doubtful images (``per_image`` is sorted by ``label_score``, lowest first)."""
     return [{"image": r["image_id"], "label_score": r.get("label_score"), "tags": " ".join(r["tags"]),
-             "tag_source": r["tag_source"], "scores": _fmt(r["scores"]), "confidence": r["confidence"],
+             "tag_source": r["tag_source"], "scores": _fmt(r["scores"]), "mask": " ".join(r.get("labels", [])),
+             "object_confidence": r.get("object_confidence"), "ood_score": r.get("ood_score"),
              "ignore_fraction": r["ignore_fraction"]}
             for r in summary["per_image"][:limit]]
 
@@ -104,7 +119,7 @@ def reject_rows(summary: dict[str, Any], collection: str | None = None) -> list[
 
 
 def publish_collection(name: str, status: str, current: dict[str, Any] | None, folder: Path,
-                       rows_limit: int, repro_seconds: float | None = None) -> None:
+                       rows_limit: int, repro_seconds: float | None = None, gallery_images: int = 8) -> None:
     key = artifact_key("relabel", name)
     create_markdown_artifact(collection_markdown(name, status, current, folder, repro_seconds),
                              key=f"{key}-summary", description=f"relabel {name}: {status}")
@@ -117,7 +132,7 @@ def publish_collection(name: str, status: str, current: dict[str, Any] | None, f
                           key=f"{key}-rejects", description=f"{name}: inputs that could not be taken")
     create_table_artifact(image_rows(summary, rows_limit), key=f"{key}-tags",
                           description=f"{name}: tags behind the pseudo labels (first {rows_limit} images)")
-    publish_overlays(folder / summary["version"] / "overlays", key, f"{name} {summary['version']}")
+    publish_gallery(folder / summary["version"], key, f"{name} {summary['version']}", gallery_images)
     if summary.get("review"):
         publish_review(folder / summary["version"] / summary["review"]["file"], key, f"{name} {summary['version']}")
 
@@ -144,16 +159,12 @@ def publish_review(page: Path, key: str, title: str) -> None:
                          description=f"{title}: review page (open the file in a browser: {page})")
 
 
-def publish_overlays(folder: Path, key: str, title: str) -> None:
-    paths = sorted(Path(folder).glob("*.png"))
-    if not paths:
+def publish_gallery(folder: Path, key: str, title: str, images: int) -> None:
+    """The gallery artifact (``<key>-gallery``) of the shard folders under ``folder`` (shards/gallery.py)."""
+    if images <= 0 or not any((Path(folder) / "pseudo_labels").glob("*.parquet")):
         return
-    links = "\n".join(f"- [{p.stem}]({p.resolve().as_uri()})" for p in paths)
-    create_markdown_artifact(f"# Overlays: {title}\n\nimage | CAM | pseudo mask | ground truth\n\n{links}",
-                             key=f"{key}-overlays", description=f"{len(paths)} overlay PNGs")
-    for path in paths:
-        create_link_artifact(path.resolve().as_uri(), link_text=f"overlay {path.stem}",
-                             description=f"{title}: image | CAM | pseudo mask | ground truth")
+    create_markdown_artifact(gallery_markdown(folder, images, title), key=f"{key}-gallery",
+                             description=f"{title}: thumbnails of the {images} most doubtful images")
 
 
 # -- the training DAG ----------------------------------------------------------------------------------------------
@@ -193,7 +204,7 @@ def produce_class_rows(root: Path) -> list[dict[str, Any]]:
 
 
 def publish_produce(root: Path, results: list[dict[str, Any]], params: dict[str, Any],
-                    rejects: list[dict[str, Any]]) -> None:
+                    rejects: list[dict[str, Any]], gallery_images: int = 8) -> None:
     create_markdown_artifact(produce_markdown(root, results, params), key="produce-summary",
                              description="stages run, metrics, classifier and params")
     classes = produce_class_rows(root)
@@ -201,5 +212,5 @@ def publish_produce(root: Path, results: list[dict[str, Any]], params: dict[str,
         create_table_artifact(classes, key="produce-classes", description="CAM and pseudo-label IoU per class")
     create_table_artifact(rejects or [{"image": "", "path": "", "reason": "no rejects"}], key="produce-rejects",
                           description="inputs prepare could not take")
-    publish_overlays(root / "metrics" / "overlays", "produce", "pseudo labels")
+    publish_gallery(root / "data", "produce", "the training DAG's pseudo labels", gallery_images)
     publish_review(root / "data" / "export" / REVIEW_NAME, "produce", "the exported package")

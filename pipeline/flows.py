@@ -107,7 +107,7 @@ def produce(root: str = ".", stages: list[str] | None = None) -> dict[str, Any]:
     rejects_path = root_path / "data" / "manifest" / "rejects.parquet"
     rejects = [{"image": r["image_id"], "split": r["split"], "path": r["path"], "reason": r["reason"]}
                for r in iter_rows([rejects_path])] if rejects_path.exists() else []
-    artifacts.publish_produce(root_path, results, params, rejects)
+    artifacts.publish_produce(root_path, results, params, rejects, cfg.gallery_images)
     return {"stages": results, "rejects": len(rejects)}
 
 
@@ -134,7 +134,7 @@ def relabel(name: str, root: str = ".", lock_wait_s: float | None = None, push_a
             status = f"skipped: another run is relabelling {name} (waited {wait:g} s)"
             logger.warning("%s", status)
             artifacts.publish_collection(name, status, read_current(folder.parent, name), folder,
-                                         cfg.summary_rows)
+                                         cfg.summary_rows, gallery_images=cfg.gallery_images)
             Progress(progress).set(100.0)
             return {"collection": name, "status": "skipped", "rejects": [], "pushed": False}
         _track_inbox_changes(root_path, cfg, [name])
@@ -142,7 +142,8 @@ def relabel(name: str, root: str = ".", lock_wait_s: float | None = None, push_a
     Progress(progress).set(100.0)
     current = read_current(folder.parent, name)
     status = "relabelled" if result["ran"] else "up to date"
-    artifacts.publish_collection(name, status, current, folder, cfg.summary_rows, result["seconds"])
+    artifacts.publish_collection(name, status, current, folder, cfg.summary_rows, result["seconds"],
+                                 gallery_images=cfg.gallery_images)
     pushed = False
     if cfg.push if push_after is None else push_after:
         pushed = push(str(root_path), [f"{cfg.inbox}/{name}.dvc", f"relabel@{name}"])

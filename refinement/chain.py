@@ -24,7 +24,8 @@ runs combine as ToCo's: the high run's class; where it says background, 255; whe
   map to the power ``fg_power`` and renormalised (``models/trt.py``); it must come first. Needs the ``fg`` column
   of a classifier trained with ``use_trt``.
 Masks come back to the original size by nearest-neighbour. ``confidence`` = mean over non-ignored pixels of the
-maximum probability of the deciding stack (the high run; the only run without the band).
+maximum probability of the deciding stack (the high run; the only run without the band); the object confidence the same
+mean over the pixels labelled with a class only.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ def walk_stacks(stacks: torch.Tensor, sizes: list[tuple[int, int]], affinities: 
 
 
 def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[list[int]], p: RefineParams,
-                 device: torch.device, extras: list[dict] | None = None) -> list[tuple[np.ndarray, float]]:
-    """(mask (h, w) uint8, confidence) per image at working size; rgbs are (h, w, 3) uint8 at working size.
+                 device: torch.device, extras: list[dict] | None = None) -> list[tuple[np.ndarray, float, float | None]]:
+    """(mask (h, w) uint8, confidence, object confidence) per image at working size; rgbs are (h, w, 3) uint8 at
+    working size. The object confidence is the deciding probability's mean over the pixels labelled with a class
+    (None without any): unlike ``confidence``, not dominated by the background.
 
     ``extras``: per image {"fg": (ch, cw) array or None, "affinity": ((N, N) array, grid) or None}, the seed
     method columns that ``fg_prior`` and ``random_walk`` read.
@@ -156,6 +159,8 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
     results = []
     for b, (h, w) in enumerate(sizes):
         mask = out[b, :h, :w].numpy().astype(np.uint8)
-        kept = top[b, :h, :w].numpy()[mask != IGNORE_INDEX]
-        results.append((mask, float(kept.mean()) if kept.size else 0.0))
+        top_b = top[b, :h, :w].numpy()
+        kept, objects = top_b[mask != IGNORE_INDEX], top_b[(mask != IGNORE_INDEX) & (mask != 0)]
+        results.append((mask, float(kept.mean()) if kept.size else 0.0,
+                        float(objects.mean()) if objects.size else None))
     return results

@@ -3,7 +3,10 @@
 One row per image, in manifest order: ``image_id``, ``split``, ``height``/``width`` of the original image,
 ``cam_height``/``cam_width`` of the stored maps, ``classes`` (the P present class ids 1..K, ascending),
 ``scores`` (the classifier's sigmoid score of each stored class), ``tag_source`` ("given": the manifest's tags;
-"predicted": an untagged row whose classes the classifier chose), ``cams`` and ``aux_cams`` (nullable), and two
+"predicted": an untagged row whose classes the classifier chose; "unknown": an untagged row where no class
+cleared ``predict_threshold``, stored with no class), ``all_scores`` (the sigmoid score of every class 1..K),
+``ood_score`` (how unlike the classifier's training images the image is, 1 = the held-out quantile; null for a
+classifier without feature statistics: training/feature_stats.py), ``cams`` and ``aux_cams`` (nullable), and two
 optional seed-method columns (null unless the classifier has the head):
 - ``fg``: TRT's class-agnostic foreground map, fp16 (1, cam_height, cam_width) in [0, 1], multi-scale + flip as
   the CAMs (``refine`` method ``fg_prior``);
@@ -40,6 +43,8 @@ CAM_SCHEMA = pa.schema([
     ("classes", pa.list_(pa.int16())),
     ("scores", pa.list_(pa.float32())),
     ("tag_source", pa.string()),
+    ("all_scores", pa.list_(pa.float32())),
+    ("ood_score", pa.float32()),
     ("cams", pa.binary()),
     ("aux_cams", pa.binary()),
     ("fg", pa.binary()),

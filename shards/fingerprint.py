@@ -114,6 +114,9 @@ def classifier_fingerprint(folder: str | Path) -> str:
     digest = hashlib.sha256()
     for name in ("model.safetensors", "config.json"):
         digest.update(sha256_file(Path(folder) / name).encode())
+    stats = Path(folder) / "feature_stats.safetensors"  # the OOD scores' reference (training/feature_stats.py)
+    if stats.is_file():
+        digest.update(sha256_file(stats).encode())
     return digest.hexdigest()[:32]
 
 

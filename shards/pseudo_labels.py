@@ -2,13 +2,16 @@
 
 One row per image (DESIGN.md §4): ``image_id``, ``split``, ``image`` (the manifest's stored bytes, struct
 bytes/path as a Hugging Face ``Image``), ``mask`` (palette PNG of class ids at the image's size: 0 background,
-1..K classes, 255 ignore), ``labels`` (the class ids the mask may contain: the CAM shard's classes), ``tag_source``
-("given" | "predicted"), ``provenance`` ("pseudo": refined from the CAMs; "corrected": a human correction imported
-with ``python -m pipeline corrections``, shards/corrections.py, which replaces the pseudo mask), ``height``, ``width``, ``ignore_fraction`` (share of 255 pixels), ``confidence`` (see
-``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum), ``label_score`` (the per-image trust score reviewers sort by, worst
-first: :func:`label_score`; 1 for a corrected mask), ``pixels`` (pixel count
-of every class 0..K; 255 pixels are not counted) and ``boxes`` (per-instance boxes for detection: one per connected
-component of each class in the mask, ``{label, x0, y0, x1, y1, pixels}``, 0-based with exclusive ``x1``/``y1``; see
+1..K classes, 255 ignore), ``labels`` (the class ids the mask holds), ``tag_source`` ("given" | "predicted" |
+"unknown": an untagged image on which no class cleared ``dump_cams.predict_threshold``; with ``refine.no_known_class:
+ignore`` its mask is all 255, with ``exclude`` it has no row), ``provenance`` ("pseudo": refined from the CAMs;
+"corrected": a human correction imported with ``python -m pipeline corrections``, shards/corrections.py, which
+replaces the pseudo mask), ``height``, ``width``, ``ignore_fraction`` (share of 255 pixels), ``confidence`` (see
+``refine``: mean, over non-ignored pixels, of the deciding probability map's maximum), ``object_confidence`` (the
+same mean over the pixels labelled with a class only; null when there is none), ``label_score`` (the per-image trust
+score reviewers sort by, worst first: :func:`label_score`; 1 for a corrected mask), ``pixels`` (pixel count of every
+class 0..K; 255 pixels are not counted) and ``boxes`` (per-instance boxes for detection: one per connected component
+of each class in the mask, ``{label, x0, y0, x1, y1, pixels}``, 0-based with exclusive ``x1``/``y1``; see
 ``shards/boxes.py``).
 
 The ``huggingface`` schema-metadata entry makes ``datasets.load_dataset("parquet", ...)`` decode ``image`` and
@@ -42,6 +45,7 @@ PSEUDO_LABEL_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("ignore_fraction", pa.float32()),
     ("confidence", pa.float32()),
+    ("object_confidence", pa.float32()),
     ("label_score", pa.float32()),
     ("pixels", pa.list_(pa.int64())),
     ("boxes", pa.list_(pa.struct([  # label int64 as in `labels`; coordinates int32 as height/width
@@ -73,6 +77,7 @@ def pseudo_label_schema(class_names: Sequence[str], palette: Sequence[Sequence[i
         "width": {"dtype": "int32", "_type": "Value"},
         "ignore_fraction": {"dtype": "float32", "_type": "Value"},
         "confidence": {"dtype": "float32", "_type": "Value"},
+        "object_confidence": {"dtype": "float32", "_type": "Value"},
         "label_score": {"dtype": "float32", "_type": "Value"},
         "pixels": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "Sequence"},
         # a list of dicts is a one-element JSON list, which `datasets` (old versions and 5.x alike) reads as
@@ -113,7 +118,7 @@ def pseudo_label_metrics(folder: str | Path, class_names: Sequence[str], splits:
     """
     folder = Path(folder)
     confusion, gt_images, stats = ConfusionMatrix(len(class_names)), 0, []
-    uncorrected, gt_uncorrected, corrected = ConfusionMatrix(len(class_names)), 0, 0
+    uncorrected, gt_uncorrected, corrected, unknown = ConfusionMatrix(len(class_names)), 0, 0, 0
     for name, entry in sorted(ShardSet(folder).index().items()):
         if entry.get("split") not in splits:
             continue
@@ -122,15 +127,22 @@ def pseudo_label_metrics(folder: str | Path, class_names: Sequence[str], splits:
         uncorrected.matrix += np.asarray(entry.get("confusion_uncorrected", entry["confusion"]), dtype=np.int64)
         gt_uncorrected += entry.get("gt_uncorrected", entry["gt_images"])
         corrected += entry.get("corrected", 0)
-        stats.append(pq.ParquetFile(folder / name).read(columns=["ignore_fraction", "confidence"]))
-    table = pa.concat_tables(stats) if stats else None
+        unknown += entry.get("no_known_class", 0)
+        shard = pq.ParquetFile(folder / name)
+        stats.append(shard.read(columns=["ignore_fraction", "confidence"] +
+                                (["object_confidence"] if "object_confidence" in shard.schema_arrow.names else [])))
+    table = pa.concat_tables(stats, promote_options="default") if stats else None
 
     def mean(column: str) -> float | None:
-        return round(float(table[column].to_numpy().mean()), 4) if table is not None and table.num_rows else None
+        if table is None or column not in table.column_names:
+            return None
+        values = [v for v in table[column].to_pylist() if v is not None]
+        return round(float(np.mean(values)), 4) if values else None
 
     result = {**confusion.summary(class_names), "images": table.num_rows if table is not None else 0,
               "gt_images": gt_images, "splits": list(splits), "methods": list(methods),
               "mean_ignore_fraction": mean("ignore_fraction"), "mean_confidence": mean("confidence"),
+              "mean_object_confidence": mean("object_confidence"), "no_known_class": unknown,
               "corrected_images": corrected}
     if corrected:  # the pseudo labels' own quality: over the images no human corrected
         summary = uncorrected.summary(class_names)

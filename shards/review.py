@@ -47,7 +47,7 @@ THUMB_SIDE = 128  # px, long side of every thumbnail: masks stay readable, ~3 kB
 JPEG_QUALITY = 80  # thumbnails only; the labels themselves are never re-encoded
 CAM_BLEND = 0.5  # share of the heat map in the CAM thumbnail (as in shards/overlays.py)
 ROW_COLUMNS = ["image_id", "split", "image", "mask", "labels", "tag_source", "provenance", "confidence",
-               "label_score", "ignore_fraction"]
+               "object_confidence", "label_score", "ignore_fraction"]
 RANK = "label_score"  # the per-image trust score (shards/pseudo_labels.py): the page's order, lowest first
 CAM_COLUMNS = ["image_id", "classes", "scores", "cam_height", "cam_width", "cams"]
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"

@@ -6,7 +6,11 @@ shard, same name, same row order (schema in ``shards/cams.py``: fp16, present cl
 ``metrics/cams.json`` {miou, threshold, best_miou, best_threshold, per_class} and ``metrics/cams_curve.json``.
 
 Classes of a row: its tags; an untagged row (tags null) gets the classes whose sigmoid score exceeds
-``predict_threshold`` (else the top-1 class), with ``tag_source = "predicted"``. Scores are always stored.
+``predict_threshold``, with ``tag_source = "predicted"``; when none does, no class is forced on it: it is stored
+with no class and ``tag_source = "unknown"`` (``refine.no_known_class`` decides its pseudo label). Every class's
+score is always stored (``all_scores``), and the image's OOD score (``ood_score``: its pooled feature's distance to
+the classifier's training images, in units of the held-out quantile; training/feature_stats.py) when the
+classifier folder has ``feature_stats.safetensors``; ``metrics/cams.json`` counts the rows above 1.
 
 Batching without changing the result: each image is resized to ``image_size`` on its long side and padded
 bottom/right (black, as the training crops' padding) to a multiple of ``pad_multiple``; images of one padded shape

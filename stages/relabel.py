@@ -4,7 +4,10 @@ Consumes a collection folder (``data/inbox/<name>/``: images, an optional ``tags
 ``masks/`` ground truth) and the current classifier (``data/classifier``). Runs, into one version folder, the
 steps the training DAG runs on its own data (the same functions, from ``labelling/``): ``prepare`` (source ``folder``,
 the classifier's class list, one split ``train``), ``dump_cams`` (untagged images get the classes the classifier
-predicts, ``tag_source: predicted``, with scores) and ``refine`` (METHODS.md §2). Produces::
+predicts, ``tag_source: predicted``, with scores; where no class clears ``predict_threshold`` none is forced:
+``tag_source: unknown``, and ``refine.no_known_class`` keeps the image all-ignore or leaves it out; every image gets
+an OOD score against the classifier's training images, training/feature_stats.py) and ``refine`` (METHODS.md §2).
+Produces::
 
     data/collections/<name>/
         <classifier fp>-<params fp>/      one version per classifier and labelling params, never overwritten
@@ -13,7 +16,9 @@ predicts, ``tag_source: predicted``, with scores) and ``refine`` (METHODS.md §2
             review.html                    review page: the ``orchestration.review_rows`` lowest-label-score images
                                            (image | pseudo mask | CAM thumbnails, tags, scores; shards/review.py)
             tags.csv                       the tags used, given or predicted (the folder reader's format)
-            summary.json                   counts, rejects, per-class figures, timings, classifier and params
+            summary.json                   counts, rejects, per-class and per-image figures (tags, labels, scores,
+                                           object confidence, OOD score), images with no known class, warnings,
+                                           timings, classifier and params
             metrics.json                   pseudo-label metrics (mIoU only where the collection has masks/)
         current.json                       the version the last run produced
 
@@ -74,14 +79,30 @@ def labelling_fingerprint(params: Params) -> str:
     return hash_params(decisive)[:32]
 
 
-def summarize(work: Path, class_names: list[str]) -> dict[str, Any]:
-    """Counts, rejects and per-class figures, read from the shards' small columns (never a mask)."""
+def _columns(path: Path, wanted: list[str]) -> list[dict[str, Any]]:
+    """Rows of the ``wanted`` columns a shard has (shards written before a column existed lack it)."""
+    names = pq.read_schema(path).names
+    return pq.read_table(path, columns=[c for c in wanted if c in names]).to_pylist()
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 4) if known else None
+
+
+def summarize(work: Path, class_names: list[str], no_known_class: str = "ignore") -> dict[str, Any]:
+    """Counts, rejects, per-class and per-image figures, read from the shards' small columns (never a mask).
+
+    Per image: ``tags`` (the classes given or predicted), ``labels`` (the classes its mask holds), the classifier's
+    scores, ``object_confidence`` (the refined probability over the pixels labelled with a class: not a pixel mean
+    dominated by background) and ``ood_score`` (above 1: unlike the classifier's training images). Untagged images
+    on which no class cleared ``predict_threshold`` are ``no_known_class``, listed with their best scores whether
+    their row was kept all-ignore or excluded. ``warnings`` says, in words, what a reader should not miss."""
     rows = [row for path in sorted((work / "pseudo_labels").glob("*.parquet"))
-            for row in pq.read_table(path, columns=["image_id", "labels", "tag_source", "provenance", "confidence",
-                                                    "label_score", "ignore_fraction", "pixels"]).to_pylist()]
-    scores = {row["image_id"]: dict(zip(row["classes"], row["scores"]))
-              for path in sorted((work / "cams").glob("*.parquet"))
-              for row in pq.read_table(path, columns=["image_id", "classes", "scores"]).to_pylist()}
+            for row in _columns(path, ["image_id", "labels", "tag_source", "provenance", "confidence",
+                                       "object_confidence", "label_score", "ignore_fraction", "pixels"])]
+    cams = {row["image_id"]: row for path in sorted((work / "cams").glob("*.parquet"))
+            for row in _columns(path, ["image_id", "classes", "scores", "tag_source", "all_scores", "ood_score"])}
     rejects = pq.read_table(work / "manifest" / "rejects.parquet").to_pylist()
     per_class = []
     for k, name in enumerate(class_names):
@@ -90,23 +111,72 @@ def summarize(work: Path, class_names: list[str]) -> dict[str, Any]:
             "class": name, "images": len(having),
             "predicted": sum(r["tag_source"] == "predicted" for r in having) if k else 0,
             "pixels": sum(r["pixels"][k] for r in rows),
-            "mean_confidence": round(sum(r["confidence"] for r in having) / len(having), 4) if having else None,
+            "mean_object_confidence": _mean([r.get("object_confidence") for r in having]),
         })
     total_pixels = max(1, sum(sum(r["pixels"]) for r in rows))
     for entry in per_class:
         entry["pixel_share"] = round(entry["pixels"] / total_pixels, 4)
-    images = [{"image_id": r["image_id"], "tags": [class_names[k] for k in r["labels"]], "tag_source": r["tag_source"],
-               "scores": [_rounded(scores.get(r["image_id"], {}).get(k)) for k in r["labels"]],
-               "confidence": round(r["confidence"], 4), "ignore_fraction": round(r["ignore_fraction"], 4),
-               "label_score": round(r["label_score"], 4), "provenance": r["provenance"]}
-              for r in sorted(rows, key=lambda r: (r["label_score"], r["image_id"]))]  # the most doubtful first
-    return {
-        "images": len(rows), "rejects": len(rejects),
+
+    def best(cam: dict[str, Any], count: int = 3) -> list[list[Any]]:
+        scores = cam.get("all_scores") or []
+        order = sorted(range(len(scores)), key=lambda k: -scores[k])[:count]
+        return [[class_names[k + 1], round(scores[k], 4)] for k in order]
+
+    images = []
+    for r in sorted(rows, key=lambda r: (r["label_score"], r["image_id"])):  # the most doubtful first
+        cam = cams.get(r["image_id"], {})
+        tags = list(cam.get("classes") or [])
+        score_of = dict(zip(tags, cam.get("scores") or []))
+        ood = cam.get("ood_score")
+        images.append({
+            "image_id": r["image_id"], "tags": [class_names[k] for k in tags],
+            "labels": [class_names[k] for k in r["labels"]], "tag_source": r["tag_source"],
+            "scores": [_rounded(score_of.get(k)) for k in tags], "best_scores": best(cam),
+            "object_confidence": _rounded(r.get("object_confidence")), "confidence": round(r["confidence"], 4),
+            "ignore_fraction": round(r["ignore_fraction"], 4), "label_score": round(r["label_score"], 4),
+            "ood_score": _rounded(ood), "unlike_training": None if ood is None else ood > 1.0,
+            "provenance": r["provenance"]})
+    kept = {r["image_id"] for r in rows}
+    unknown = [{"image_id": i, "best_scores": best(c), "ood_score": _rounded(c.get("ood_score")),
+                "row": "all ignore" if i in kept else "excluded"}
+               for i, c in sorted(cams.items()) if c.get("tag_source") == cam_dump.UNKNOWN]
+    ood = [c.get("ood_score") for c in cams.values()]
+    scored = [v for v in ood if v is not None]
+    unlike = sum(v > 1.0 for v in scored)
+    summary = {
+        "images": len(rows), "rejects": len(rejects), "dumped": len(cams),
         "predicted": sum(r["tag_source"] == "predicted" for r in rows),
-        "given": sum(r["tag_source"] != "predicted" for r in rows),
+        "given": sum(r["tag_source"] == "given" for r in rows),
+        "no_known_class": len(unknown), "no_known_class_rows": unknown, "no_known_class_param": no_known_class,
+        "ood_scored": len(scored), "unlike_training": unlike,
+        "mean_object_confidence": _mean([r.get("object_confidence") for r in rows]),
+        "without_objects": sum(r.get("object_confidence") is None for r in rows),
         "reject_rows": [{k: r[k] for k in ("image_id", "path", "reason")} for r in rejects],
         "per_class": per_class, "per_image": images,
     }
+    summary["warnings"] = collection_warnings(summary)
+    return summary
+
+
+def collection_warnings(summary: dict[str, Any]) -> list[str]:
+    """What a reader of a collection's summary should not miss, in plain words."""
+    out = []
+    dumped, scored, unlike = summary["dumped"], summary["ood_scored"], summary["unlike_training"]
+    if scored and unlike * 2 > scored:
+        out.append(f"Most of this collection ({unlike} of {scored} images) is unlike the images the classifier was "
+                   "trained on: their classes are probably not among its classes, and their pseudo labels should not "
+                   "be trusted. Check the review page before training on them.")
+    elif unlike:
+        out.append(f"{unlike} of {scored} images look unlike the classifier's training images (OOD score above 1).")
+    if summary["no_known_class"]:
+        fate = ("kept with an all-ignore mask" if summary["no_known_class_param"] == "ignore"
+                else "left out of the pseudo labels")
+        out.append(f"{summary['no_known_class']} of {dumped} images have no known class (no class scored above "
+                   f"dump_cams.predict_threshold); they are {fate} (refine.no_known_class).")
+    if dumped and not scored:
+        out.append("No OOD scores: the classifier was trained without feature statistics "
+                   "(train_classifier.feature_stats); train it again to have them.")
+    return out
 
 
 def _rounded(value: float | None) -> float | None:
@@ -114,11 +184,14 @@ def _rounded(value: float | None) -> float | None:
 
 
 def write_tags_csv(path: Path, per_image: list[dict[str, Any]]) -> None:
-    """The tags behind the pseudo labels, in the folder reader's ``image,tags`` format (plus source and scores)."""
+    """The tags behind the pseudo labels, in the folder reader's ``image,tags`` format (plus source and scores).
+    Images with no known class are left out: an empty ``tags`` cell would say "background only" to the reader."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", "tags", "tag_source", "scores"])
     for row in per_image:
+        if row["tag_source"] == cam_dump.UNKNOWN:
+            continue
         writer.writerow([row["image_id"], " ".join(row["tags"]), row["tag_source"],
                          " ".join("" if s is None else f"{s:.4f}" for s in row["scores"])])
     atomic_write_bytes(path, buffer.getvalue().encode())
@@ -136,7 +209,10 @@ def write_version_review(work: Path, summary: dict[str, Any], rows: int) -> dict
              ("classifier", summary["classifier"]), ("labelling params", summary["params_fingerprint"]),
              ("images", f"{summary['images']} labelled of {summary['inputs']} inputs, {summary['rejects']} rejected"),
              ("tags", f"{summary['predicted']} predicted by the classifier, {summary['given']} given"),
-             ("mean confidence / ignored", f"{metrics.get('mean_confidence')} / {metrics.get('mean_ignore_fraction')}")]
+             ("no known class", f"{summary['no_known_class']} (refine.no_known_class: {summary['no_known_class_param']})"),
+             ("unlike the training images", f"{summary['unlike_training']} of {summary['ood_scored']} scored"),
+             ("object confidence / ignored",
+              f"{summary['mean_object_confidence']} / {metrics.get('mean_ignore_fraction')}")]
     return write_review(work / REVIEW_NAME, chosen, meta["class_names"], meta["palette"],
                         title=f"Review: collection {summary['collection']}, version {summary['version']}",
                         max_rows=rows, total=total, cams=cams, facts=facts, rows_param="orchestration.review_rows",
@@ -180,10 +256,11 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
     summary = {
         "collection": name, "version": version, "classifier": classifier, "params_fingerprint": labelling,
         "source": str(images_dir), "inputs": prepared["inputs"],
-        **summarize(work, list(config["class_names"])),
+        **summarize(work, list(config["class_names"]), cfg.refine.no_known_class),
         "computed_shards": {"dump_cams": len(cams["computed"]), "refine": len(refined["computed"])},
         "metrics": {k: refined["metrics"].get(k) for k in ("miou", "coverage", "gt_images", "mean_ignore_fraction",
-                                                           "mean_confidence", "corrected_images", "uncorrected")},
+                                                           "mean_confidence", "mean_object_confidence",
+                                                           "corrected_images", "uncorrected")},
         "overlays": sorted(p.name for p in (work / "overlays").glob("*.png")),
         "params": {"dump_cams": to_dict(cfg.dump_cams), "refine": to_dict(cfg.refine),
                    "prepare": {k: to_dict(getattr(cfg.prepare, k)) for k in ("max_pixels", "min_side")}},
@@ -201,8 +278,11 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
     atomic_write_json(work / SUMMARY_FILE, summary)
     atomic_write_json(out_dir / CURRENT_FILE, {"version": version, "classifier": classifier,
                                                "params_fingerprint": labelling})
-    log.info("relabel %s: %d images (%d predicted tags), %d rejected, in %.1f s -> %s", name, summary["images"],
-             summary["predicted"], summary["rejects"], summary["timings"]["total"], work)
+    log.info("relabel %s: %d images (%d predicted tags, %d no known class, %d unlike the training images), %d rejected,"
+             " in %.1f s -> %s", name, summary["images"], summary["predicted"], summary["no_known_class"],
+             summary["unlike_training"], summary["rejects"], summary["timings"]["total"], work)
+    for warning in summary["warnings"]:
+        log.warning("relabel %s: %s", name, warning)
     return summary
 
 

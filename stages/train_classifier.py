@@ -1,7 +1,9 @@
 """DVC stage ``train_classifier``: the ToCo classifier (METHODS.md §1) on the train manifest.
 
 Consumes the manifest shards of ``prepare`` (tagged train rows; val rows with ground truth for metrics). Produces
-``model.safetensors`` + ``config.json`` (the final weights, a DVC out), dvclive curves (losses, lr, images/s, CAM
+``model.safetensors`` + ``config.json`` (the final weights, a DVC out) + ``feature_stats.safetensors`` (the training
+images' pooled-feature statistics, behind the out-of-distribution score of new images: training/feature_stats.py),
+dvclive curves (losses, lr, images/s, CAM
 mIoU), and ``metrics/classifier.json`` {f1, cam_miou, cam_threshold, ...}.
 
 The loop is written out: AdamW with a backbone and a 10x head learning rate, linear warm-up then poly decay,
@@ -39,11 +41,31 @@ from training.cam_eval import evaluate_classifier
 from training.checkpoint import resume, save_weights
 from training.classifier_model import build_classifier, config_to_json, toco_config
 from training.data import EvalImages, TrainCrops
+from training.feature_stats import STATS_FILE, collect_features, fit_stats, save_stats
 from training.loop import (Throughput, accumulate, batch_stream, log_losses, lr_factor, make_optimizer, open_live,
                            save_resume_state, step_optimizer)
 from training.toco_step import ToCoTrainer
 
 log = logging.getLogger("train_classifier")
+
+
+def write_feature_stats(model: torch.nn.Module, p: ClassifierParams, train_index: RowIndex,
+                        val_set: EvalImages | None, out_dir: Path, env: rt.Runtime, progress: bool) -> dict[str, Any]:
+    """The training images' pooled-feature statistics beside the weights (training/feature_stats.py): evenly
+    spaced training rows at ``eval_size``, the threshold from as many val images (the training rows without val)."""
+    cfg = p.feature_stats
+    if not cfg.images:
+        (Path(out_dir) / STATS_FILE).unlink(missing_ok=True)  # no stale statistics of an earlier run
+        return {"images": 0}
+    picked = np.unique(np.linspace(0, len(train_index) - 1, min(cfg.images, len(train_index))).round().astype(int))
+    autocast = env.autocast(p.loop.bf16)
+    train = collect_features(model, EvalImages(train_index, model.cfg.num_classes, p.eval_size, rows=picked.tolist()), env.device,
+                             autocast, len(picked), progress, desc="feature stats (train)")
+    held = None if val_set is None else collect_features(model, val_set, env.device, autocast, cfg.images, progress,
+                                                         desc="feature stats (val)")
+    stats = fit_stats(train, held, quantile=cfg.quantile, shrinkage=cfg.shrinkage)
+    save_stats(stats, out_dir)
+    return {"images": stats.images, "held_out": stats.held_out, "threshold": round(stats.threshold, 4)}
 
 
 def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path: Path | None = None,
@@ -67,7 +89,8 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     optimizer = make_optimizer(*param_groups(model), p.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.optim))
     generator = torch.Generator(device=env.device).manual_seed(params.runtime.seed * 1000 + env.rank)
-    key = fingerprint(to_dict(p), code=code_version("stages.train_classifier"),
+    # the statistics are computed after training: their params do not make a new training run
+    key = fingerprint({k: v for k, v in to_dict(p).items() if k != "feature_stats"}, code=code_version("stages.train_classifier"),
                       inputs=[manifest_dir], extra=[params.runtime.seed, env.world_size])
     ckpt, step = resume(ckpt_dir, key, model, optimizer, scheduler, is_main=env.is_main, generator=generator,
                         rank=env.rank)
@@ -114,9 +137,10 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     if env.is_main:
         save_weights(model, out_dir, {**config_to_json(model.cfg, classes), "fingerprint": key,
                                       "params": to_dict(p)})
+        result["feature_stats"] = write_feature_stats(model, p, train_index, val_set, out_dir, env, progress)
         if val_set is not None:
-            result = evaluate_classifier(model, val_set, classes, scales=p.eval_cam_scales, device=env.device,
-                                         autocast=env.autocast(p.loop.bf16), progress=progress)
+            result.update(evaluate_classifier(model, val_set, classes, scales=p.eval_cam_scales, device=env.device,
+                                         autocast=env.autocast(p.loop.bf16), progress=progress))
         result["iterations"] = p.optim.iterations
         if steps_timed:
             result["seconds_per_step"] = round(step_seconds / steps_timed, 4)

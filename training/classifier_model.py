@@ -15,6 +15,7 @@ from models.backbone import check_vit, create_vit, vit_kwargs
 from models.configs import ToCoConfig
 from models.toco import ToCo, backbone_arguments
 from training.checkpoint import load_weights
+from training.feature_stats import load_stats
 from training.weights import NO_WEIGHTS, hub_model, load_state_dict, resolve_weights
 
 
@@ -52,10 +53,14 @@ def config_to_json(cfg: ToCoConfig, class_names: list[str]) -> dict[str, Any]:
 
 
 def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> tuple[ToCo, list[str]]:
-    """The trained classifier of a ``train_classifier`` output folder (safetensors: no code runs on load)."""
+    """The trained classifier of a ``train_classifier`` output folder (safetensors: no code runs on load).
+
+    ``model.feature_stats``: its training images' feature statistics (training/feature_stats.py), None when the
+    folder has none."""
     state, config = load_weights(folder)
     model = ToCo(ToCoConfig(**_current_fields(config["toco"])))
     model.load_state_dict(state)
+    model.feature_stats = load_stats(folder)
     return model.to(device).eval(), list(config["class_names"])
 
 

@@ -84,7 +84,7 @@ def test_pseudo_label_rows_round_trip_and_metrics(tmp_path):
     row = {"image_id": "a", "split": "train", "image": {"bytes": b"jpeg", "path": "a.jpg"},
            "mask": {"bytes": encode_mask(mask, palette), "path": "a.png"}, "labels": [2], "tag_source": "given",
            "provenance": "pseudo", "height": 6, "width": 8, "ignore_fraction": float(np.float32(ignore_fraction)),
-           "confidence": 0.75, "label_score": 0.625, "pixels": pixels,  # float32 columns
+           "confidence": 0.75, "object_confidence": 0.5, "label_score": 0.625, "pixels": pixels,  # float32 columns
            "boxes": [{"label": 2, "x0": 2, "y0": 1, "x1": 6, "y1": 4, "pixels": 12}]}  # the class-2 block
     schema = pseudo_label_schema(NAMES, palette, PRODUCER, methods=("par", "crf"))
     gt = mask.copy()
@@ -102,6 +102,8 @@ def test_pseudo_label_rows_round_trip_and_metrics(tmp_path):
     assert metrics["miou"] == round(100 * (28 / 36 + 1) / 2, 2)  # background loses its 8 ignored pixels
     assert metrics["coverage"] == round(40 / 48, 4) and metrics["images"] == 1
     assert metrics["corrected_images"] == 0 and "uncorrected" not in metrics
+    assert metrics["mean_confidence"] == 0.75 and metrics["mean_object_confidence"] == 0.5
+    assert metrics["no_known_class"] == 0
     assert pseudo_label_metrics(tmp_path, NAMES, ["val"])["images"] == 0
 
 

@@ -108,7 +108,7 @@ def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_th
     cams = rng.random((2, 12, 16), dtype=np.float32)
     full = F.interpolate(torch.from_numpy(cams)[None], size=(24, 32), mode="bilinear", align_corners=False)
     p = RefineParams(methods=("par",), thresholds=ThresholdConfig(high=0.7, low=0.25))
-    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], p, torch.device("cpu"))
+    (mask, _, _), = refine_chunk([rgb], [cams], [[2, 5]], p, torch.device("cpu"))
     labels = torch.zeros(1, 5)
     labels[0, [1, 4]] = 1  # classes 2 and 5 of K = 5
     cams_k = torch.zeros(1, 5, 24, 32)
@@ -118,7 +118,7 @@ def test_par_first_matches_online_pseudo_labels_and_crf_first_matches_crf_two_th
                                     ignore_index=IGNORE_INDEX)[0]
     np.testing.assert_array_equal(mask, expected.numpy())
     p = RefineParams(methods=("crf",), thresholds=ThresholdConfig(high=0.7, low=0.25))
-    (mask, _), = refine_chunk([rgb], [cams], [[2, 5]], p, torch.device("cpu"))
+    (mask, _, _), = refine_chunk([rgb], [cams], [[2, 5]], p, torch.device("cpu"))
     expected = crf_two_thresholds(rgb, full[0].numpy(), [2, 5], CrfConfig())
     assert (mask == expected).mean() > 0.99  # numpy vs torch softmax: equal up to float rounding
 

@@ -112,7 +112,7 @@ def test_random_walk_first_walks_raw_values_before_the_softmax(trained):
     p = params_with(refine_overrides={"methods": ["random_walk"], "ignore_band": False,
                                       "thresholds": {"bkg": 0.5}}).refine
     rgb = np.zeros((h, w, 3), np.uint8)
-    (mask, _), = refine_chunk([rgb], [cams], [row["classes"]], p, torch.device("cpu"),
+    (mask, _, _), = refine_chunk([rgb], [cams], [row["classes"]], p, torch.device("cpu"),
                               [{"affinity": (affinity, grid), "fg": None}])
     cam = torch.nn.functional.interpolate(torch.from_numpy(cams)[None], size=(h, w), mode="bilinear",
                                           align_corners=False)[0]
@@ -150,6 +150,6 @@ def test_akp_scores_in_dump_follow_the_model_pooling(trained):
     images = torch.rand(1, 3, 64, 48)
     valid = torch.ones(1, 64, 48, dtype=torch.bool)
     with torch.no_grad():
-        scores, _ = cam_dump.class_scores(model, images, valid)
+        scores, _, _ = cam_dump.class_scores(model, images, valid)
         logits = model(images, with_seg=False)["logits"]
     assert torch.allclose(scores, logits.sigmoid(), atol=1e-5)
