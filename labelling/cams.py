@@ -25,7 +25,7 @@ from config.schema import DumpCamsParams
 from models.backbone import patch_stride
 from models.cam import multiscale_cam, valid_at_tokens
 from parallel import shard_map
-from shards.cams import cam_schema, decode_cams, encode_affinity, encode_cams
+from shards.cams import UNKNOWN, cam_schema, decode_cams, encode_affinity, encode_cams
 from shards.fingerprint import classifier_fingerprint, code_version, fingerprint, hash_params, sha256_file
 from shards.images import decode_mask_png, decode_rgb, long_side_size, resize_long
 from shards.io import ShardSet, atomic_write_json
@@ -37,8 +37,7 @@ from training.data import to_tensor
 from training.feature_stats import pooled_features
 
 log = logging.getLogger("dump_cams")
-REPORT_ONLY = ("eval_split", "bkg_threshold")
-UNKNOWN = "unknown"  # the tag source of an untagged row whose classes none clears predict_threshold  # decide metrics, not shard bytes: kept out of the fingerprint
+REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
 
 
 def padded_size(height: int, width: int, p: DumpCamsParams) -> tuple[int, int]:

@@ -23,9 +23,8 @@ from config.loader import to_dict
 from config.schema import RefineParams
 from parallel import shard_map
 from refinement.chain import check_methods, refine_chunk
-from labelling.cams import UNKNOWN
 from shards.boxes import mask_boxes
-from shards.cams import decode_affinity, decode_cams, decode_fg
+from shards.cams import UNKNOWN, decode_affinity, decode_cams, decode_fg
 from shards.corrections import CorrectionError, corrections_of, load_correction
 from shards.fingerprint import code_version, fingerprint, hash_params
 from shards.images import decode_mask_png, decode_rgb, encode_mask, long_side_size, resize_long

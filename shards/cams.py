@@ -32,6 +32,7 @@ from shards.io import dataset_metadata, with_metadata
 from shards.records import IGNORE_INDEX
 
 CAM_DTYPE = np.dtype("<f2")
+UNKNOWN = "unknown"  # the tag source of an untagged row on which no class clears dump_cams.predict_threshold
 
 CAM_SCHEMA = pa.schema([
     ("image_id", pa.string()),

@@ -45,6 +45,7 @@ from config.schema import Params, load_params_or_exit
 from labelling import cams as cam_dump
 from labelling import pseudo_labels
 from labelling.ingest import build_manifest
+from shards.cams import UNKNOWN
 from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, version_name
 from shards.corrections import CORRECTIONS_DIR
 from shards.fingerprint import classifier_fingerprint, hash_params
@@ -139,7 +140,7 @@ def summarize(work: Path, class_names: list[str], no_known_class: str = "ignore"
     kept = {r["image_id"] for r in rows}
     unknown = [{"image_id": i, "best_scores": best(c), "ood_score": _rounded(c.get("ood_score")),
                 "row": "all ignore" if i in kept else "excluded"}
-               for i, c in sorted(cams.items()) if c.get("tag_source") == cam_dump.UNKNOWN]
+               for i, c in sorted(cams.items()) if c.get("tag_source") == UNKNOWN]
     ood = [c.get("ood_score") for c in cams.values()]
     scored = [v for v in ood if v is not None]
     unlike = sum(v > 1.0 for v in scored)
@@ -190,7 +191,7 @@ def write_tags_csv(path: Path, per_image: list[dict[str, Any]]) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", "tags", "tag_source", "scores"])
     for row in per_image:
-        if row["tag_source"] == cam_dump.UNKNOWN:
+        if row["tag_source"] == UNKNOWN:
             continue
         writer.writerow([row["image_id"], " ".join(row["tags"]), row["tag_source"],
                          " ".join("" if s is None else f"{s:.4f}" for s in row["scores"])])
