@@ -84,7 +84,7 @@ def scale1_affinity(enc: dict[str, Any], batch: int) -> torch.Tensor | None:
 def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor, heads: tuple[str, ...] = (),
                  ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None, torch.Tensor]:
     """Sigmoid scores (B, K) from the classifier's pooling (``ToCo.pooled_logits``) over the image's tokens only,
-    and the pooled features (B, C) behind them (the OOD score's input, training/feature_stats.py).
+    and the mean final-token features (B, C) (the OOD score's input, training/feature_stats.py).
 
     With ``heads`` the pass runs on [images, flipped images], which is scale 1 of the multi-scale CAM, and also
     returns that pass's raw maps per head (full K), each (2B, ., h, w), and its AFA affinity, for ``_SlotCams``.
@@ -117,29 +117,53 @@ def choose_classes(tags: list[int] | None, scores: np.ndarray, threshold: float)
     return (picked, "predicted") if picked else ([], UNKNOWN)
 
 
-@torch.no_grad()
-def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCamsParams, env: rt.Runtime
-                   ) -> list[dict[str, Any]]:
-    """CAM-shard rows of manifest rows that share one padded shape."""
-    hp, wp = padded_size(rows[0]["height"], rows[0]["width"], p)
-    images = torch.zeros(len(rows), 3, hp, wp)
-    valid = torch.zeros(len(rows), hp, wp, dtype=torch.bool)
+def padded_batch(rgbs: list[np.ndarray], p: DumpCamsParams) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Images of one padded shape (``padded_size``) as the network's batch (B, 3, Hp, Wp), their valid masks
+    (B, Hp, Wp) and their sizes at ``image_size``."""
+    hp, wp = padded_size(*rgbs[0].shape[:2], p)
+    images = torch.zeros(len(rgbs), 3, hp, wp)
+    valid = torch.zeros(len(rgbs), hp, wp, dtype=torch.bool)
     black = to_tensor(np.zeros((1, 1, 3), np.uint8))  # (3, 1, 1): the training crops' padding colour
     sizes = []
-    for b, row in enumerate(rows):
-        x = to_tensor(resize_long(decode_rgb(row["image"]["bytes"]), p.image_size))  # (3, h, w)
+    for b, rgb in enumerate(rgbs):
+        x = to_tensor(resize_long(rgb, p.image_size))  # (3, h, w)
         h, w = x.shape[-2:]
         images[b] = black
         images[b, :, :h, :w] = x
         valid[b, :h, :w] = True
         sizes.append((h, w))
+    return images, valid, sizes
+
+
+def reuses_scale1(p: DumpCamsParams) -> bool:
+    """Tags are predicted at predict_size, the classifier's own scale (train_classifier.eval_size); when it is the
+    CAM size, that pass doubles as scale 1 of the multi-scale CAM."""
+    return 1.0 in p.scales and p.predict_size in (0, p.image_size)
+
+
+@torch.no_grad()
+def image_features(model: torch.nn.Module, rgb: np.ndarray, p: DumpCamsParams, env: rt.Runtime) -> np.ndarray:
+    """The pooled feature (C,) of one image exactly as ``dump_cams`` computes it for the OOD score (same resize,
+    padding and predict view), for the training-feature statistics (training/feature_stats.py)."""
+    images, valid, _ = padded_batch([rgb], p)
+    images, valid = images.to(env.device), valid.to(env.device)
+    with env.autocast(p.bf16):
+        _, _, features = class_scores(model, images, valid) if reuses_scale1(p) else \
+            class_scores(model, *predict_view(images, valid, p))
+    return features[0].double().cpu().numpy()
+
+
+@torch.no_grad()
+def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCamsParams, env: rt.Runtime
+                   ) -> list[dict[str, Any]]:
+    """CAM-shard rows of manifest rows that share one padded shape."""
+    images, valid, sizes = padded_batch([decode_rgb(row["image"]["bytes"]) for row in rows], p)
+    hp, wp = images.shape[-2:]
     images, valid = images.to(env.device), valid.to(env.device)
     heads = ("final", "aux") if p.aux else ("final",)
     if getattr(model, "reattention", None) is not None:
         heads += ("fg",)  # TRT: the class-agnostic foreground map, stored in column fg
-    # Tags are predicted at predict_size, the classifier's own scale (train_classifier.eval_size); when it is the
-    # CAM size, that pass doubles as scale 1 of the multi-scale CAM.
-    reuse = 1.0 in p.scales and p.predict_size in (0, p.image_size)
+    reuse = reuses_scale1(p)
     with env.autocast(p.bf16):
         if reuse:
             scores, first, features = class_scores(model, images, valid, heads)

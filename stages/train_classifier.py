@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,12 +35,14 @@ from models.toco import param_groups
 from shards.fingerprint import code_version, fingerprint
 from shards.io import atomic_write_json
 from shards.manifest import manifest_files, read_classes
-from shards.sampling import RowIndex
+from shards.images import decode_rgb
+from shards.sampling import RowIndex, RowReader
 from training import runtime as rt
 from training.cam_eval import evaluate_classifier
 from training.checkpoint import resume, save_weights
 from training.classifier_model import build_classifier, config_to_json, toco_config
 from training.data import EvalImages, TrainCrops
+from labelling.cams import image_features
 from training.feature_stats import STATS_FILE, collect_features, fit_stats, save_stats
 from training.loop import (Throughput, accumulate, batch_stream, log_losses, lr_factor, make_optimizer, open_live,
                            save_resume_state, step_optimizer)
@@ -49,20 +51,31 @@ from training.toco_step import ToCoTrainer
 log = logging.getLogger("train_classifier")
 
 
-def write_feature_stats(model: torch.nn.Module, p: ClassifierParams, train_index: RowIndex,
-                        val_set: EvalImages | None, out_dir: Path, env: rt.Runtime, progress: bool) -> dict[str, Any]:
-    """The training images' pooled-feature statistics beside the weights (training/feature_stats.py): evenly
-    spaced training rows at ``eval_size``, the threshold from as many val images (the training rows without val)."""
-    cfg = p.feature_stats
+def write_feature_stats(model: torch.nn.Module, params, train_index: RowIndex, val_files: list[Path],
+                        out_dir: Path, env: rt.Runtime, progress: bool) -> dict[str, Any]:
+    """The training images' pooled-feature statistics beside the weights (training/feature_stats.py): up to
+    ``feature_stats.images`` evenly spaced training rows, the threshold from as many val rows (the training rows
+    themselves without a val split), each image seen as ``dump_cams`` sees it (its image_size, padding and
+    predict_size: those params are deps of this stage)."""
+    cfg = params.train_classifier.feature_stats
     if not cfg.images:
         (Path(out_dir) / STATS_FILE).unlink(missing_ok=True)  # no stale statistics of an earlier run
         return {"images": 0}
-    picked = np.unique(np.linspace(0, len(train_index) - 1, min(cfg.images, len(train_index))).round().astype(int))
-    autocast = env.autocast(p.loop.bf16)
-    train = collect_features(model, EvalImages(train_index, model.cfg.num_classes, p.eval_size, rows=picked.tolist()), env.device,
-                             autocast, len(picked), progress, desc="feature stats (train)")
-    held = None if val_set is None else collect_features(model, val_set, env.device, autocast, cfg.images, progress,
-                                                         desc="feature stats (val)")
+
+    def images(index: RowIndex) -> tuple[Iterator[np.ndarray], int]:
+        rows = np.unique(np.linspace(0, len(index) - 1, min(cfg.images, len(index))).round().astype(int))
+        reader = RowReader(index, columns=["image"])
+        return (decode_rgb(reader.row(int(i))["image"]["bytes"]) for i in rows), len(rows)
+
+    model.eval()
+
+    def feature(rgb: np.ndarray) -> np.ndarray:
+        return image_features(model, rgb, params.dump_cams, env)
+
+    train = collect_features(feature, *images(train_index), progress, desc="feature stats (train)")
+    held = collect_features(feature, *images(RowIndex(val_files)), progress, desc="feature stats (val)") \
+        if val_files else None
+    model.train()
     stats = fit_stats(train, held, quantile=cfg.quantile, shrinkage=cfg.shrinkage)
     save_stats(stats, out_dir)
     return {"images": stats.images, "held_out": stats.held_out, "threshold": round(stats.threshold, 4)}
@@ -137,7 +150,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     if env.is_main:
         save_weights(model, out_dir, {**config_to_json(model.cfg, classes), "fingerprint": key,
                                       "params": to_dict(p)})
-        result["feature_stats"] = write_feature_stats(model, p, train_index, val_set, out_dir, env, progress)
+        result["feature_stats"] = write_feature_stats(model, params, train_index, val_files, out_dir, env, progress)
         if val_set is not None:
             result.update(evaluate_classifier(model, val_set, classes, scales=p.eval_cam_scales, device=env.device,
                                          autocast=env.autocast(p.loop.bf16), progress=progress))

@@ -1,8 +1,11 @@
 """What the classifier's training data looks like to it, and how unlike it a new image is (out-of-distribution).
 
 When ``train_classifier`` ends it runs the trained classifier over (up to ``feature_stats.images``) training images
-and stores, beside the weights, the mean and a shrunk covariance of their **pooled feature**: the final tokens'
-global max pooling over the image's own tokens (the vector the classification layer reads, ``ToCo.pooled_logits``).
+and stores, beside the weights, the mean and a shrunk covariance of their **pooled feature**: the mean of the final
+tokens over the image's own tokens (not padding). The mean separates other kinds of pictures from the training data
+more than the global max pooling the classification layer reads: real photos against a 300-image shapes training
+set at 128 px gave OOD scores 1.26-2.09 with the mean and 1.14-1.58 with the max, 1 of 100 held-out shapes above 1
+with either (bench/RESULTS.md §12).
 A new image's distance to that distribution is the Mahalanobis distance
 
     d(f) = sqrt((f - mean)^T  S^-1  (f - mean)),   S = (1 - a) Cov + a (tr Cov / C) I + 1e-6 I   (a = shrinkage)
@@ -24,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -32,7 +35,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
-from models.cam import valid_at_tokens
 from shards.io import atomic_path
 
 STATS_FILE = "feature_stats.safetensors"
@@ -40,13 +42,13 @@ EPS = 1e-6
 
 
 def pooled_features(tokens: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, C) global max pooling of a token map (B, C, h, w) over the ``inside`` (B, h, w) tokens (all when None or
-    when an image has none inside): the pooled vector of ``ToCo.pooled_logits`` (gmp)."""
+    """(B, C) mean of a token map (B, C, h, w) over the ``inside`` (B, h, w) tokens (all when None or when an image
+    has none inside)."""
     tokens = tokens.float()
     if inside is None:
-        return tokens.amax(dim=(-2, -1))
-    inside = inside | ~inside.flatten(1).any(dim=1)[:, None, None]
-    return tokens.masked_fill(~inside[:, None], float("-inf")).amax(dim=(-2, -1))
+        return tokens.mean(dim=(-2, -1))
+    weight = (inside | ~inside.flatten(1).any(dim=1)[:, None, None]).float()[:, None]  # (B, 1, h, w)
+    return (tokens * weight).sum(dim=(-2, -1)) / weight.sum(dim=(-2, -1))
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def save_stats(stats: FeatureStats, folder: str | Path) -> Path:
     path = Path(folder) / STATS_FILE
     meta = {"threshold": repr(stats.threshold), "quantile": repr(stats.quantile), "images": str(stats.images),
             "held_out": str(stats.held_out), "shrinkage": repr(stats.shrinkage),
-            "feature": "global max pooling of the final tokens over the image's tokens"}
+            "feature": "mean of the final tokens over the image's tokens"}
     with atomic_path(path) as tmp:
         save_file({"mean": stats.mean, "precision": stats.precision}, tmp, metadata=meta)
     return path
@@ -125,23 +127,10 @@ def load_stats(folder: str | Path) -> FeatureStats | None:
     return stats
 
 
-@torch.no_grad()
-def collect_features(model: torch.nn.Module, dataset, device: torch.device, autocast, limit: int,
+def collect_features(feature: Callable[[np.ndarray], np.ndarray], images: Iterable[np.ndarray], count: int,
                      progress: bool = False, desc: str = "features") -> np.ndarray:
-    """Pooled features (N, C) of the first ``limit`` items of an ``EvalImages``-like dataset (whole images)."""
-    was_training = model.training
-    model.eval()
-    count = min(limit, len(dataset))
-    out = []
-    for i in tqdm(range(count), desc=desc, unit="img", disable=not progress, leave=False):
-        x = dataset[i]["image"][None].to(device)  # (1, 3, H, W): no padding
-        with autocast:
-            tokens = model.encode(x)["tokens"]
-        out.append(pooled_features(tokens)[0].cpu().numpy())
-    model.train(was_training)
+    """Features (N, C) of ``images`` (RGB arrays), one ``feature`` call each (``labelling.cams.image_features``:
+    the dump's own path, so that training and new images are measured alike)."""
+    out = [feature(rgb) for rgb in tqdm(images, total=count, desc=desc, unit="img", disable=not progress,
+                                        leave=False)]
     return np.stack(out).astype(np.float64) if out else np.zeros((0, 0))
-
-
-def image_features(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Pooled features (B, C) of a padded batch's final tokens (B, C, h, w), ``valid`` (B, H, W) at input size."""
-    return pooled_features(tokens, valid_at_tokens(valid, tokens.shape[-2:]))

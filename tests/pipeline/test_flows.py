@@ -46,10 +46,11 @@ def test_relabel_inbox_relabels_a_new_folder_once(prefect_harness, project):
     assert read_collections(project) == ["holiday"] and (project / "data/inbox/holiday.dvc").exists()
     current = read_current(project / "data/collections", "holiday")
     summary = current["summary"]
-    assert summary["images"] == 5 and summary["predicted"] == 5 and summary["rejects"] == 1
+    assert summary["images"] == 5 and summary["predicted"] + summary["no_known_class"] == 5
+    assert summary["rejects"] == 1
     version = project / "data/collections/holiday" / current["version"]
     rows = [r for p in sorted((version / "pseudo_labels").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    assert len(rows) == 5 and all(r["tag_source"] == "predicted" and r["labels"] for r in rows)
+    assert len(rows) == 5 and all(r["tag_source"] in ("predicted", "unknown") for r in rows)
     status = run(["dvc", "status", "--json"], project).stdout  # relabel@holiday, its input and the training DAG
     assert json.loads(status or "{}") == {}
     assert (project / ".dvc-remote").is_dir()  # pushed to the project's local remote
@@ -58,7 +59,7 @@ def test_relabel_inbox_relabels_a_new_folder_once(prefect_harness, project):
     artifacts = by_key(artifacts_of([state.state_details.flow_run_id, *[r.id for r in children]]))
     for key in ("relabel-inbox-summary", "relabel-inbox-rejects", "relabel-inbox-progress", "relabel-holiday-summary",
                 "relabel-holiday-classes", "relabel-holiday-rejects", "relabel-holiday-tags",
-                "relabel-holiday-overlays", "relabel-holiday-review", "relabel-holiday-progress"):
+                "relabel-holiday-gallery", "relabel-holiday-review", "relabel-holiday-progress"):
         assert key in artifacts, f"{key} missing from {sorted(k for k in artifacts if k)}"
     assert "broken" in json.dumps(artifacts["relabel-inbox-rejects"][0].data)
     assert "broken" in json.dumps(artifacts["relabel-holiday-rejects"][0].data)

@@ -105,10 +105,43 @@ def test_served_deployment_runs_on_trigger_and_publishes_artifacts(trained_proje
         finally:
             stop(serve)
     for key in ("relabel-inbox-summary", "relabel-inbox-rejects", "relabel-inbox-progress", "relabel-street-summary",
-                "relabel-street-classes", "relabel-street-tags", "relabel-street-overlays"):
+                "relabel-street-classes", "relabel-street-tags", "relabel-street-gallery"):
         assert key in artifacts, sorted(artifacts)
     assert "broken" in json.dumps(artifacts["relabel-inbox-rejects"].data)
     assert (project / "data/collections/street/current.json").exists()
+
+
+def look_in_the_ui(api: str, run_id, gallery_id) -> dict | None:
+    """Open the gallery artifact in a headless Chromium from the project's UI and count its rendered images (None
+    without chromium). With ``WSSS_SCREENSHOTS=<folder>`` also save the scheduled run's page and the gallery there
+    (how docs/prefect-scheduled-run.png and docs/prefect-gallery.png are made)."""
+    import time
+
+    from tests.browser import chromium_paths, headless_chromium
+
+    if chromium_paths() is None or gallery_id is None:
+        return None
+    ui = api.removesuffix("/api")
+    shots = os.environ.get("WSSS_SCREENSHOTS")
+    with headless_chromium(1400, 1000) as driver:
+        if shots:
+            driver.get(f"{ui}/runs/flow-run/{run_id}")
+            time.sleep(6)  # the single-page app renders after its API calls
+            driver.save_screenshot(str(Path(shots) / "prefect-scheduled-run.png"))
+        driver.get(f"{ui}/artifacts/artifact/{gallery_id}")
+        deadline = time.monotonic() + 30
+        counts = {"images": 0, "broken": 0}
+        while time.monotonic() < deadline:
+            images = driver.execute_script(
+                "return Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('data:'))"
+                ".map(i => [i.complete, i.naturalWidth])")
+            counts = {"images": len(images), "broken": sum(1 for done, width in images if done and not width)}
+            if images and all(done for done, _ in images):
+                break
+            time.sleep(1)
+        if shots:
+            driver.save_screenshot(str(Path(shots) / "prefect-gallery.png"))
+    return counts
 
 
 def test_schedule_creates_a_run_that_relabels_the_inbox(trained_project, tmp_path, monkeypatch):
@@ -147,6 +180,8 @@ def test_schedule_creates_a_run_that_relabels_the_inbox(trained_project, tmp_pat
                 with get_client(sync_client=True) as client:
                     history = client.read_flow_run_states(run.id)
                 children = subflow_runs([run.id])
+                gallery = [a for a in artifacts_of([c.id for c in children]) if a.key == "relabel-street-gallery"]
+                shown = look_in_the_ui(api, run.id, gallery[0].id if gallery else None)
         finally:
             stop(serve)
     assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-4000:])
@@ -156,4 +191,7 @@ def test_schedule_creates_a_run_that_relabels_the_inbox(trained_project, tmp_pat
     assert (history[0].type.value, history[0].name) == ("SCHEDULED", "Scheduled")
     assert run.expected_start_time.second == fire
     assert [(c.name, c.state.type.value) for c in children] == [("relabel street", "COMPLETED")]
+    assert len(gallery) == 1 and "data:image/jpeg;base64," in gallery[0].data and "Colours: " in gallery[0].data
+    if shown is not None:  # a browser shows the gallery's thumbnails from the UI's page (chromium present)
+        assert shown["images"] >= 3 * 3 and shown["broken"] == 0, shown  # image, CAM, mask of 3 images + swatches
     assert (project / "data/collections/street/current.json").exists()
