@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -n "${PYTHON:-}" ]]; then
   py="$PYTHON"
-elif [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch, timm" 2>/dev/null; then
+elif [[ -x .venv/bin/python ]] && .venv/bin/python -c \
+    "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('timm')))" 2>/dev/null; then
   py=.venv/bin/python
 else
   py="$(command -v python3 || command -v python || true)"

@@ -68,5 +68,5 @@ def test_gpu_check_quick_on_cpu_without_the_pipeline_packages(tmp_path):
     goals = results["goals"]
     assert goals["toco_train_images_per_s"][0] == 45.0 and goals["toco_train_images_per_s"][1]
     assert goals["cam_dump_images_per_s"] == [150.0, sections["cam_dump"]["images_per_s"]]
-    assert "| goal | goal | measured |" in results["summary_markdown"]
+    assert "| performance goal (one H100) | goal | measured here |" in results["summary_markdown"]
     assert "toco_train_steps" in proc.stdout  # the summary is printed too
