@@ -578,8 +578,8 @@ def run_part(results: dict, name: str, out: Path, budget: float, fn: Callable[[d
         with time_box(budget):
             fn(section, time.perf_counter() + budget * 0.85)  # a part that loops stops itself at this deadline
         section["status"] = "ok"
-    except PartTimeout as exc:
-        section.update(status="timeout", error=str(exc))
+    except PartTimeout:  # the traceback says where the time went (a compile, a batch size)
+        section.update(status="timeout", error=traceback.format_exc())
     except Exception:  # noqa: BLE001 - record and go on to the next part
         section.update(status="failed", error=traceback.format_exc())
         print(section["error"], file=sys.stderr, flush=True)
