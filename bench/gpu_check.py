@@ -616,11 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time box")
     parser.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
     args = parser.parse_args(argv)
-    if args.device.startswith("cpu"):
-        os.environ[rt.CPU_BF16_ENV] = "1"  # the bf16 parts run CPU bf16 autocast: the GPU's precision path
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     s = make_setup(args)
+    if s.device.type == "cpu":
+        os.environ[rt.CPU_BF16_ENV] = "1"  # the bf16 parts run CPU bf16 autocast: the GPU's precision path
     results: dict[str, Any] = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                "command": " ".join(["bench/gpu_check.sh", *(argv if argv is not None else
                                                                             sys.argv[1:])]),
