@@ -130,6 +130,7 @@ class AugmentConfig:
 
 
 OPTIMIZERS = ("sgd", "adamw")
+POLY_SPANS = ("after_warmup", "whole")  # training/loop.py lr_factor
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,8 @@ class OptimConfig:
     warmup_iters: int = param(1500, lo=0, help="linear warm-up steps")
     warmup_ratio: float = param(1e-6, lo=0.0, hi=1.0, help="warm-up starts at lr * warmup_ratio")
     poly_power: float = param(0.9, lo=0.0, help="poly decay power after warm-up")
+    poly_over: str = param("after_warmup", choices=POLY_SPANS,
+                           help="poly decay over the steps after warm-up | over all steps (whole: the ToCo code)")
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,8 @@ class LoopConfig:
     eval_images: int = param(64, lo=1, help="validation images of the periodic evaluation")
     checkpoint_every: int = param(50, lo=1, help="atomic resume checkpoint interval in steps")
     num_workers: int = param(0, lo=0, help="DataLoader worker processes (0 = load in the training process)")
-    bf16: bool = param(True, help="bf16 autocast with fused attention on CUDA; the CPU always runs fp32")
+    bf16: bool = param(True, help="bf16 autocast with fused attention on CUDA; the CPU runs fp32 "
+                                           "unless WSSS_CPU_BF16=1")
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,7 @@ class DumpCamsParams:
     predict_size: int = param(256, lo=0, hi=4096, help="long side for tag scores; 0 = image_size")
     bkg_threshold: float = param(0.5, lo=0.0, hi=1.0, help="metrics: plain-rule background threshold")
     eval_split: str = param("train", help="split whose ground truth gives metrics/cams.json")
-    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU always fp32)")
+    bf16: bool = param(True, help="bf16 autocast on CUDA (CPU: fp32 unless WSSS_CPU_BF16=1)")
 
     def validate(self) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits):
@@ -345,7 +349,7 @@ class EvaluateParams:
                                         "121, srgb 5)")
     overlays: int = param(6, lo=0, help="prediction overlay PNGs")
     confusion_rows: int = param(10000, lo=1, help="rows of the confusion plot file (pixel counts quantised)")
-    bf16: bool = param(True, help="bf16 autocast on CUDA; the CPU always runs fp32")
+    bf16: bool = param(True, help="bf16 autocast on CUDA; the CPU runs fp32 unless WSSS_CPU_BF16=1")
 
     def validate(self) -> None:
         if not self.scales:

@@ -321,7 +321,8 @@ def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, m
     for path in paths:
         sha = manifest_index.get(path.name, {}).get("sha256") or sha256_file(path)
         key = fingerprint(shard_params, code=code, extra={"model": model_fp, "manifest": sha,
-                                                          "device": env.device.type})
+                                                          "device": env.device.type,
+                                                          "precision": env.precision(p.bf16)})
         if shards.is_done(path.name, key):
             skipped.append(path.name)
             bar.update(shards.index()[path.name]["rows"])

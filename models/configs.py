@@ -41,6 +41,7 @@ def section(cls: type, help: str = "") -> Any:
 
 POOLINGS = ("gmp", "akp")
 DEEPLAB_HEADS = ("v2", "v3plus")
+CTC_FORMS = ("fixed", "reference")  # models/losses.py: ctc_loss (the project's) | ctc_loss_reference (the authors')
 V2_DILATIONS_OS8 = (6, 12, 18, 24)  # DeepLabV2 (ASPP-L) at output stride 8
 V3_DILATIONS_OS16 = (6, 12, 18)  # DeepLabV3/V3+ at output stride 16
 
@@ -140,6 +141,8 @@ class ToCoLossConfig:
     ptc_weight: float = param(0.2, lo=0.0, help="weight of PTC")
     ctc_weight: float = param(0.5, lo=0.0, help="weight of CTC (needs model.use_ctc)")
     ctc_temperature: float = param(0.5, lo=1e-3, help="CTC temperature (COCO: 1.0)")
+    ctc_form: str = param("fixed", choices=CTC_FORMS, help="fixed: the project's CTC (README) | reference: the ToCo "
+                                                            "code's loss exactly")
     seg_weight: float = param(0.1, lo=0.0, help="weight of the segmentation loss (needs model.use_seg_head)")
     seg_start_iter: int = param(2000, lo=0, help="the segmentation (and affinity) losses start after this step")
     local_crops: int = param(8, lo=1, help="local crops per image for CTC")

@@ -6,10 +6,13 @@ NaN when the pairs / pixels it averages over are missing; gradients stay finite 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from models.configs import CTC_FORMS
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ def pcl_loss(tokens: torch.Tensor, token_labels: torch.Tensor, *, ignore_index: 
 
 
 def ctc_loss(teacher_globals: torch.Tensor, student_globals: torch.Tensor, student_locals: torch.Tensor,
-             local_positive: torch.Tensor, temperature: float = LossWeights.ctc_temperature) -> torch.Tensor:
+             local_positive: torch.Tensor, temperature: float = LossWeights.ctc_temperature,
+             form: str = "fixed") -> torch.Tensor:
     """Class token contrast (ToCo `CTCLoss_neg`), InfoNCE per image, log-sum-exp in fp32.
 
     Shapes, view-major like the model's concatenated crops:
@@ -108,7 +112,12 @@ def ctc_loss(teacher_globals: torch.Tensor, student_globals: torch.Tensor, stude
     is an EMA copy on the same features, so that pair is trivially similar; DINO skips it as well), the
     "+1e-4" inside the log and the spurious extra term of its for-else clause are dropped. The outputs are
     used as given (no normalisation here), as in the reference.
+    ``form="reference"`` computes the reference's loss instead (:func:`ctc_loss_reference`).
     """
+    if form == "reference":
+        return ctc_loss_reference(teacher_globals, student_globals, student_locals, local_positive, temperature)
+    if form != "fixed":
+        raise ValueError(f"ctc form must be one of {CTC_FORMS}, got {form!r}")
     g, b, _ = teacher_globals.shape
     with _no_autocast(teacher_globals):
         students = torch.cat([student_globals, student_locals], dim=0).float()  # (V, B, D)
@@ -126,6 +135,40 @@ def ctc_loss(teacher_globals: torch.Tensor, student_globals: torch.Tensor, stude
         use = pos & has_neg
         pair_loss = torch.where(use, pair_loss, torch.zeros_like(pair_loss))
         per_image = _mean_or_zero(pair_loss.sum(dim=(1, 2)), use.sum(dim=(1, 2)).float())  # (B,)
+        return per_image.mean()
+
+
+def ctc_loss_reference(teacher_globals: torch.Tensor, student_globals: torch.Tensor, student_locals: torch.Tensor,
+                       local_positive: torch.Tensor, temperature: float = LossWeights.ctc_temperature,
+                       eps: float = 1e-4) -> torch.Tensor:
+    """The ToCo code's class token contrast (``CTCLoss_neg``) exactly, in a numerically safe form.
+
+    Same inputs as :func:`ctc_loss`. Views v = the G global views then the L local crops; every global view is
+    positive (its flag is 1 in the reference), a local crop as ``local_positive`` says. With z = t_g.s_v / T,
+    E = exp(z) and N_g = sum of E over the negative views of the image, the reference's loss of image b is
+
+        ( sum_g [ sum_{v positive} -log(E_gv / (E_gv + N_g + eps)) - log(1 / (1 + N_g + eps)) ] ) / G / (P + eps)
+
+    with P the number of positive views (the G global ones included), and the result is the mean over images. So,
+    unlike the ``fixed`` form: the same-view pair (t_g, s_g) is a positive, each teacher view adds the extra term
+    -log(1 / (1 + N_g + eps)) (its for-else clause), eps = 1e-4 sits in every denominator, and an image without
+    negatives still counts (its terms are ~eps, not 0). The reference exponentiates z directly (inf beyond
+    z ~ 88 in fp32); here each log of a ratio is a difference of log-sum-exps, equal up to rounding, finite always.
+    """
+    g, b, _ = teacher_globals.shape
+    with _no_autocast(teacher_globals):
+        students = torch.cat([student_globals, student_locals], dim=0).float()  # (V, B, D)
+        z = torch.einsum("gbd,vbd->bgv", teacher_globals.float(), students) / temperature  # (B, G, V)
+        local_pos = local_positive.bool().t()  # (B, L)
+        pos = torch.cat([torch.ones(b, g, dtype=torch.bool, device=z.device), local_pos], dim=1)  # (B, V)
+        log_eps = z.new_full((b, g, 1), math.log(eps))
+        lowest = torch.finfo(z.dtype).min
+        neg_z = z.masked_fill(pos[:, None, :], lowest)  # (B, G, V): only the negatives count
+        log_neg_eps = torch.cat([neg_z, log_eps], dim=2).logsumexp(dim=2, keepdim=True)  # log(N_g + eps), (B, G, 1)
+        pair = torch.logaddexp(z, log_neg_eps) - z  # -log(E / (E + N + eps)), (B, G, V)
+        pair = torch.where(pos[:, None, :], pair, torch.zeros_like(pair))
+        extra = F.softplus(log_neg_eps[..., 0])  # log(1 + N_g + eps), (B, G)
+        per_image = (pair.sum(dim=2) + extra).sum(dim=1) / g / (pos.sum(dim=1).float() + eps)  # (B,)
         return per_image.mean()
 
 

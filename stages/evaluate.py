@@ -84,7 +84,7 @@ def evaluate_chunk(task: ChunkTask) -> dict[str, Any]:
     """Confusion matrices of the three variants over the chunk's images, and the shown images' predictions."""
     model, device = _WORKER["model"], _WORKER["device"]
     p = task.params
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and p.bf16 else None
+    autocast = rt.autocast_for(device, p.bf16)
     images = GroundTruthImages(RowIndex(task.files), task.rows)
     matrices = {v: ConfusionMatrix(task.num_classes) for v in (VARIANTS if p.use_crf else VARIANTS[:2])}
     panels = []

@@ -33,9 +33,17 @@ def make_optimizer(backbone: list, heads: list, p: OptimConfig) -> torch.optim.O
 
 
 def lr_factor(step: int, p: OptimConfig) -> float:
-    """Linear warm-up from warmup_ratio to 1, then poly decay to 0 at ``iterations``."""
+    """Linear warm-up from warmup_ratio to 1, then poly decay to 0 at ``iterations``.
+
+    ``poly_over``: ``after_warmup`` decays over the steps after warm-up, (1 - (step - warmup) / (iterations -
+    warmup))^power, continuous at the end of warm-up; ``whole`` is the ToCo code's PolyWarmupAdamW,
+    (1 - step / iterations)^power, which drops from 1 to (1 - warmup / iterations)^power when warm-up ends
+    (VOC: 0.932) and stays ~7 % below the other form until the end.
+    """
     if step < p.warmup_iters:
         return p.warmup_ratio + (1 - p.warmup_ratio) * step / p.warmup_iters
+    if p.poly_over == "whole":
+        return max(0.0, 1 - step / p.iterations) ** p.poly_power
     span = max(1, p.iterations - p.warmup_iters)
     return max(0.0, 1 - (step - p.warmup_iters) / span) ** p.poly_power
 

@@ -3,6 +3,11 @@
 ``torchrun --nproc_per_node N -m stages.train_classifier ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; we then join a
 process group (NCCL on CUDA, gloo on CPU) and every rank trains on its slice of the global batch order. Without
 those variables everything runs in one process.
+
+Precision: the ``bf16`` params (``train_classifier.loop.bf16``, ``dump_cams.bf16``, ...) turn on bf16 autocast on
+CUDA. The CPU runs fp32 (bf16 matmuls are slow on most CPUs) unless the environment variable ``WSSS_CPU_BF16=1``
+forces CPU bf16 autocast: the test suite and ``bench/gpu_check.sh --device cpu`` use it so that the GPU's
+mixed-precision code path (dtype mismatches, fp32 islands) runs on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -15,11 +20,30 @@ import torch
 import torch.distributed as dist
 
 
+CPU_BF16_ENV = "WSSS_CPU_BF16"
+
+
+def cpu_bf16_forced() -> bool:
+    """True when ``WSSS_CPU_BF16`` is set to 1/true/yes: CPU autocast in bf16, as on a GPU."""
+    return os.environ.get(CPU_BF16_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def autocast_for(device: torch.device, enabled: bool = True, cpu_bf16: bool | None = None):
+    """The autocast context of a ``bf16`` param on ``device``: bf16 on CUDA; on CPU bf16 only when forced
+    (``cpu_bf16``, default: the ``WSSS_CPU_BF16`` environment variable), else plain fp32."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and device.type == "cpu" and (cpu_bf16_forced() if cpu_bf16 is None else cpu_bf16):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
     rank: int
     world_size: int
+    cpu_bf16: bool = False  # CPU autocast in bf16 (WSSS_CPU_BF16=1): the GPU's precision path on a CPU
 
     @property
     def is_main(self) -> bool:
@@ -30,10 +54,12 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self, enabled: bool = True):
-        """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
-        if self.device.type == "cuda" and enabled:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16 autocast on CUDA; plain fp32 on CPU (bf16 matmuls are slow on most CPUs) unless ``cpu_bf16``."""
+        return autocast_for(self.device, enabled, self.cpu_bf16)
+
+    def precision(self, enabled: bool = True) -> str:
+        """'bf16' or 'fp32': what :meth:`autocast` runs (results and fingerprints depend on it)."""
+        return "bf16" if enabled and (self.device.type == "cuda" or self.cpu_bf16) else "fp32"
 
 
 def setup_runtime(device: str = "auto", num_threads: int = 0) -> Runtime:
@@ -55,7 +81,7 @@ def setup_runtime(device: str = "auto", num_threads: int = 0) -> Runtime:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")
-    return Runtime(torch_device, rank, world_size)
+    return Runtime(torch_device, rank, world_size, cpu_bf16=torch_device.type == "cpu" and cpu_bf16_forced())
 
 
 def all_reduce_mean(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:

@@ -84,7 +84,7 @@ class ToCoTrainer(nn.Module):
             student_locals = students[2 * B:].view(B, n, D).transpose(0, 1)  # (n, B, D)
             teacher_globals = model.project_teacher(out["cls_token"].detach()).view(2, B, D)
             losses["ctc"] = ctc_loss(teacher_globals, student_globals, student_locals,
-                                     positive.view(B, n).t(), cfg.ctc_temperature)
+                                     positive.view(B, n).t(), cfg.ctc_temperature, form=cfg.ctc_form)
         else:
             losses["ctc"] = zero
 

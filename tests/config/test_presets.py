@@ -66,6 +66,7 @@ def test_the_papers_preset_is_the_papers_setting(tmp_path):
         ("vit_base_patch16_224", "hub", "", 448)
     assert (c.optim.lr, c.optim.batch_size, c.optim.iterations, c.optim.warmup_iters) == (6e-5, 4, 20000, 1500)
     assert (c.loss.local_crops, c.loss.local_crop_size, c.loss.cam_scales) == (8, 96, (1.0, 0.5, 1.5))
+    assert (c.loss.ctc_form, c.optim.poly_over) == ("reference", "whole")  # the authors' CTC and lr schedule
     assert (c.model.seg_dim, c.model.proj_hidden_dim, c.model.proj_out_dim) == (512, 2048, 1024)
     assert (s.model.head, s.model.backbone, s.model.output_stride, s.model.freeze_bn) == ("v2", "resnet101", 8, True)
     assert (s.optim.optimizer, s.optim.lr, s.optim.weight_decay, s.optim.batch_size) == ("sgd", 2.5e-4, 5e-4, 10)

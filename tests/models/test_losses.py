@@ -162,3 +162,50 @@ def test_balanced_seg_loss_upsamples_logits():
     up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
     _close(balanced_seg_loss(logits, pseudo, ignore_index=IGNORE_INDEX),
            balanced_seg_loss(up, pseudo, ignore_index=IGNORE_INDEX).item())
+
+
+def _reference_ctc_by_loops(t, s, loc, flags, temp, eps=1e-4):
+    """The ToCo code's CTCLoss_neg written out with Python loops: t (G, B, D), s (G, B, D), loc (L, B, D) lists;
+    flags[b][l] True = local crop l of image b is positive. Every global view is a positive, the same view too."""
+    G, B = len(t), len(t[0])
+    total = 0.0
+    for b in range(B):
+        views = [s[g][b] for g in range(G)] + [loc[l][b] for l in range(len(loc))]
+        positive = [True] * G + [flags[b][l] for l in range(len(loc))]
+        image_loss = 0.0
+        for g in range(G):
+            e = [math.exp(_dot(t[g][b], v) / temp) for v in views]
+            negatives = sum(x for x, p in zip(e, positive) if not p)
+            for x, p in zip(e, positive):
+                if p:
+                    image_loss += -math.log(x / (x + negatives + eps))
+            image_loss += -math.log(1 / (1 + negatives + eps))  # the for-else clause's extra term
+        total += image_loss / G / (sum(positive) + eps)
+    return total / B
+
+
+def test_ctc_loss_reference_form_by_hand():
+    g = torch.Generator().manual_seed(3)
+    teacher, student, locals_ = (torch.randn(n, 2, 5, generator=g, dtype=torch.float64) for n in (2, 2, 3))
+    flags = [[True, False, False], [True, True, True]]  # image 1: no negative at all
+    expected = _reference_ctc_by_loops(teacher.tolist(), student.tolist(), locals_.tolist(), flags, temp=0.5)
+    loss = ctc_loss(teacher.float(), student.float(), locals_.float(), torch.tensor(flags).t(), temperature=0.5,
+                    form="reference")
+    _close(loss, expected)
+    fixed = ctc_loss(teacher.float(), student.float(), locals_.float(), torch.tensor(flags).t(), temperature=0.5)
+    assert abs(fixed.item() - expected) > 0.05  # the two forms are different losses
+
+
+def test_ctc_loss_reference_form_stays_finite_where_the_reference_overflows():
+    g = torch.Generator().manual_seed(0)
+    teacher = 30 * torch.randn(2, 2, 16, generator=g)  # t.s / T reaches thousands: exp() overflows in fp32
+    student = (30 * torch.randn(2, 2, 16, generator=g)).requires_grad_(True)
+    locals_ = (30 * torch.randn(4, 2, 16, generator=g)).requires_grad_(True)
+    flags = torch.tensor([[True, False], [False, True], [False, False], [True, True]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ctc_loss(teacher, student, locals_, flags, form="reference")
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert torch.isfinite(student.grad).all() and torch.isfinite(locals_.grad).all()
+    with pytest.raises(ValueError, match="ctc form"):
+        ctc_loss(teacher, student, locals_, flags, form="dino")
