@@ -164,7 +164,7 @@ def publish_gallery(folder: Path, key: str, title: str, images: int) -> None:
     if images <= 0 or not any((Path(folder) / "pseudo_labels").glob("*.parquet")):
         return
     create_markdown_artifact(gallery_markdown(folder, images, title), key=f"{key}-gallery",
-                             description=f"{title}: thumbnails of the {images} most doubtful images")
+                             description=f"{title}: thumbnails of the most doubtful images (up to {images})")
 
 
 # -- the training DAG ----------------------------------------------------------------------------------------------

@@ -35,12 +35,19 @@ def swatch(colour: Sequence[int]) -> str:
     return _data_uri("image/png", buffer.getvalue())
 
 
-def legend_markdown(class_names: Sequence[str], palette: Sequence[Sequence[int]], ignore_index: int) -> str:
-    """One line of swatches: every class's mask colour, and the ignore colour."""
-    items = [f"![{name}]({swatch(palette[k])}) {name}" for k, name in enumerate(class_names)]
+def legend_markdown(class_names: Sequence[str], palette: Sequence[Sequence[int]], ignore_index: int,
+                    per_row: int = 4) -> str:
+    """A table of swatches, ``per_row`` classes a row: every class's mask colour, and the ignore colour (the UI lays
+    images out as blocks outside tables, so a plain line of swatches would stack one per line)."""
+    items = [(f"![{name}]({swatch(palette[k])})", name) for k, name in enumerate(class_names)]
     if ignore_index < len(palette):
-        items.append(f"![ignore]({swatch(palette[ignore_index])}) ignore ({ignore_index}: not labelled)")
-    return "Colours: " + " · ".join(items)
+        items.append((f"![ignore]({swatch(palette[ignore_index])})", f"ignore ({ignore_index}: not labelled)"))
+    lines = ["Colours:", "", "|" + " colour | class |" * per_row, "|" + " --- | --- |" * per_row]
+    for start in range(0, len(items), per_row):
+        row = items[start: start + per_row]
+        row += [("", "")] * (per_row - len(row))
+        lines.append("| " + " | ".join(f"{image} | {name}" for image, name in row) + " |")
+    return "\n".join(lines)
 
 
 def truth_thumbnails(manifest_paths: Sequence[Path], image_ids: Sequence[str], palette: Sequence[Sequence[int]],

@@ -191,7 +191,7 @@ def test_schedule_creates_a_run_that_relabels_the_inbox(trained_project, tmp_pat
     assert (history[0].type.value, history[0].name) == ("SCHEDULED", "Scheduled")
     assert run.expected_start_time.second == fire
     assert [(c.name, c.state.type.value) for c in children] == [("relabel street", "COMPLETED")]
-    assert len(gallery) == 1 and "data:image/jpeg;base64," in gallery[0].data and "Colours: " in gallery[0].data
+    assert len(gallery) == 1 and "data:image/jpeg;base64," in gallery[0].data and "Colours:" in gallery[0].data
     if shown is not None:  # a browser shows the gallery's thumbnails from the UI's page (chromium present)
         assert shown["images"] >= 3 * 3 and shown["broken"] == 0, shown  # image, CAM, mask of 3 images + swatches
     assert (project / "data/collections/street/current.json").exists()

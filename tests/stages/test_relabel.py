@@ -160,5 +160,5 @@ def test_images_with_no_known_class_get_no_forced_tag(tmp_path, fate):
     assert (version / "tags.csv").read_text().count("\n") == 2  # the header and the given row: no empty tags
     gallery = gallery_markdown(version, 8, "odd")
     assert gallery.count("data:image/jpeg;base64,") == 2 * summary["images"]  # image and CAM of every row
-    assert "Colours: ![background](data:image/png;base64," in gallery and "ignore (255" in gallery
+    assert "| ![background](data:image/png;base64," in gallery and "ignore (255" in gallery
     assert ("no known class; best: " in gallery) == (fate == "ignore")
