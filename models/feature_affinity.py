@@ -31,7 +31,7 @@ def feature_affinity(features: torch.Tensor, power: float = 8.0, radius: int = 0
     """(N, N) symmetric affinity of token features (D, h, w), N = h·w: max(cosine, 0) ** power within radius."""
     d, h, w = features.shape
     tokens = F.normalize(features.float().reshape(d, h * w).t(), dim=1)  # (N, D)
-    affinity = (tokens @ tokens.t()).clamp(min=0) ** power  # (N, N)
+    affinity = (tokens @ tokens.t()).clamp(0.0, 1.0) ** power  # (N, N); rounding can exceed 1
     if radius > 0:
         affinity = affinity * radius_mask(h, w, radius, features.device)
     return affinity
