@@ -37,6 +37,12 @@ class ShapesConfig:
     context_bias: float = param(0.8, lo=0, hi=1, help="P(water | boat) and P(sky | plane)")
     context_elsewhere: float = param(0.05, lo=0, hi=0.5,
                                      help="P(water) and P(sky) each, in images without their context class")
+    backgrounds: tuple[str, ...] = param(("noise", "gradient", "clutter", "lines"),
+                                         choices=("noise", "gradient", "clutter", "lines"),
+                                         help="generic backgrounds drawn from (images without a context "
+                                              "background); [clutter, lines] = the harder variant's")
+    clutter: float = param(1.0, lo=0.0, hi=10.0, help="multiplier of the distractor blobs, lines and striped "
+                                                      "blobs of the clutter and lines backgrounds")
     max_objects: int = param(3, lo=1, hi=6, help="objects per image are 1..max_objects")
     min_object: float = param(0.12, lo=0.05, hi=1, help="smallest object diameter, fraction of the short side")
     max_object: float = param(0.6, lo=0.05, hi=1, help="largest object diameter, fraction of the short side")
@@ -45,6 +51,8 @@ class ShapesConfig:
     min_core_pixels: int = param(24, lo=1, help="an object with fewer visible pixels outside the band is not drawn")
 
     def validate(self) -> None:
+        if not self.backgrounds or len(set(self.backgrounds)) != len(self.backgrounds):
+            raise ValueError(f"backgrounds: need distinct background names, got {list(self.backgrounds)}")
         if self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
         if self.min_object > self.max_object:
