@@ -15,6 +15,7 @@ every key, so no run depends on a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,7 +350,18 @@ class SegmenterParams:
     augment: AugmentConfig = section(AugmentConfig, "training-crop augmentation (image and mask)")
     optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
     aux_weight: float = param(0.4, lo=0.0, help="weight of the auxiliary loss (model.aux)")
+    epochs: float = param(0.0, lo=0.0, hi=10_000.0, help="training length in passes over the training pseudo labels "
+                                                         "(steps = epochs x images / crops per step, at least "
+                                                         "optim.iterations); 0 = optim.iterations steps")
     loop: LoopConfig = section(LoopConfig, "logging, periodic single-scale val mIoU, checkpoints")
+
+    def iterations(self, images: int, processes: int = 1) -> int:
+        """Optimizer steps for ``images`` training images: ``optim.iterations``, or ``epochs`` passes over them
+        (never fewer than ``optim.iterations``) when ``epochs`` is set."""
+        if self.epochs <= 0:
+            return self.optim.iterations
+        per_step = self.optim.batch_size * self.optim.grad_accum * processes
+        return max(self.optim.iterations, math.ceil(self.epochs * images / per_step))
 
     def deeplab(self, num_classes: int) -> DeepLabConfig:
         """The network's config with the class count (background included) that comes from the data."""
