@@ -58,7 +58,7 @@ def walk_maps(maps: torch.Tensor, features: torch.Tensor, power: float = 8.0, ra
               steps: int = 1) -> torch.Tensor:
     """One image's maps (C, H, W) walked along the affinity of its features (D, h, w): area-resized to (h, w),
     ``steps`` steps, bilinear back to (H, W)."""
-    c, height, width = maps.shape
+    height, width = maps.shape[-2:]
     grid = tuple(features.shape[-2:])
     small = F.adaptive_avg_pool2d(maps[None].float(), grid)[0] if (height, width) != grid else maps.float()
     walked = walk(small, transition(feature_affinity(features, power, radius)), steps)  # (C, h, w)

@@ -9,8 +9,7 @@ import timm
 import torch
 
 from config.schema import FeatureWalkConfig, RefineParams, SuperpixelConfig
-from models.feature_affinity import (feature_affinity, load_features_state, transition, walk, walk_maps,
-                                     wrap_frozen)
+from models.feature_affinity import feature_affinity, load_features_state, transition, walk, walk_maps, wrap_frozen
 from refinement.chain import refine_chunk
 from refinement.features import build_backbone, token_features
 from training import weights
