@@ -2,6 +2,13 @@
 
     python bench/bench_refiners.py --cams data/cams --manifest data/manifest [--images 200] [--threads 1]
         [--chain par+crf --chain feature_walk+par+crf ...] [--set feature_walk.power=4 ...]
+    python bench/bench_refiners.py --harder /tmp/harder --classifier data/classifier [--images 64]
+
+``--harder DIR`` first writes the harder shapes variant into DIR (``shapes.backgrounds: [clutter, lines]``,
+``shapes.clutter: 2``, ``shapes.context_bias: 0.95``, ``--images`` train images), prepares it and dumps its CAMs
+with the given trained classifier (``params.yaml``'s ``dump_cams``), then compares the chains on those CAMs: the
+classifier did not see such backgrounds, so its CAMs are worse than on its own data (a stand-in for a classifier
+trained on the variant, which takes a full ``train_classifier``).
 
 Reads the first ``--images`` rows (spread over the shards: the same rows for every chain) of the CAM shards of a
 finished ``dump_cams`` and their manifest rows (ground truth), and runs ``refinement.chain.refine_chunk`` (what the
@@ -59,6 +66,26 @@ def load_rows(cams_dir: Path, manifest_dir: Path, images: int) -> list[dict]:
     return rows[:images]
 
 
+def make_harder(root: Path, classifier: Path, images: int, params, threads: int) -> tuple[Path, Path]:
+    """The harder shapes variant in ``root``: images, manifest, CAMs of ``classifier``; (cams, manifest)."""
+    from config.schema import PrepareConfig, RuntimeConfig
+    from stages import dump_cams, prepare, shapes
+
+    if classifier is None:
+        raise SystemExit("--harder needs --classifier (a train_classifier output folder)")
+    cfg = dataclasses.replace(params.shapes, num_train=images, num_val=1, backgrounds=("clutter", "lines"),
+                              clutter=2.0, context_bias=0.95)
+    if not (root / "cams" / "index.json").exists():
+        shapes.run(cfg, root / "shapes", progress=False)
+        prepare.run(PrepareConfig(root=str(root / "shapes"), rows_per_shard=32), root / "manifest", progress=False)
+        run_params = dataclasses.replace(params, runtime=RuntimeConfig(num_threads=threads),
+                                         dump_cams=dataclasses.replace(params.dump_cams, splits=("train",)))
+        result = dump_cams.run(run_params, root / "manifest", classifier, root / "cams", root / "cams.json",
+                               progress=False)
+        print(f"harder variant: {result['images']} images, CAMs in {result['seconds']:.0f} s", file=sys.stderr)
+    return root / "cams", root / "manifest"
+
+
 def override(refine, assignment: str):
     """``refine`` with ``section.key=value`` (or ``key=value``) set, the value parsed as the field's type."""
     path, _, text = assignment.partition("=")
@@ -74,8 +101,10 @@ def override(refine, assignment: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cams", type=Path, required=True)
-    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--cams", type=Path)
+    parser.add_argument("--manifest", type=Path)
+    parser.add_argument("--harder", type=Path, default=None, help="write the harder variant here and use its CAMs")
+    parser.add_argument("--classifier", type=Path, default=None, help="trained classifier folder (with --harder)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -83,7 +112,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="refine overrides, e.g. feature_walk.power=4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    refine = load_params(args.params).refine
+    params = load_params(args.params)
+    refine = params.refine
+    if args.harder is not None:
+        args.cams, args.manifest = make_harder(args.harder, args.classifier, args.images, params, args.threads)
+    elif args.cams is None or args.manifest is None:
+        parser.error("give --cams and --manifest, or --harder and --classifier")
     for assignment in args.set:
         refine = override(refine, assignment)
     chains = [tuple(c.split("+")) if c else () for c in (args.chain or DEFAULT_CHAINS)]
