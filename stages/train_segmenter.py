@@ -14,6 +14,8 @@ again, resumes from it and ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import sys
@@ -87,6 +89,8 @@ def run(params, pseudo_dir: Path, out_dir: Path, ckpt_dir: Path, manifest_dir: P
     rows = np.flatnonzero(ignored < 1.0)  # a mask that is all 255 teaches nothing
     if len(rows) == 0:
         raise ValueError(f"{pseudo_dir}: every training pseudo mask is entirely ignored")
+    # steps from epochs over the data when train_segmenter.epochs is set (the schedule scales with the dataset)
+    p = dataclasses.replace(p, optim=dataclasses.replace(p.optim, iterations=p.iterations(len(rows), env.world_size)))
     crops = PseudoLabelCrops(index, p.augment, params.runtime.seed)
     evals = val_images(manifest_dir, p.loop.eval_images) if env.is_main and p.loop.eval_every > 0 else None
 

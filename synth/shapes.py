@@ -6,6 +6,7 @@ must learn shape and texture. Weak supervision is made hard on purpose:
 
 - textured, cluttered backgrounds (smooth noise, gradients, distractor blobs, line clutter), some of which
   carry striped blobs that look like object texture;
+  ``backgrounds`` and ``clutter`` make a harder variant (e.g. ``[clutter, lines]`` at ``clutter`` 2);
 - context bias: "boat" sits on a "water" background and "plane" on a "sky" background with probability
   ``context_bias``, and those backgrounds are rare otherwise, so CAMs learn to leak onto the context;
 - occlusion: later objects are drawn over earlier ones; the mask holds only visible pixels, and an object
@@ -45,7 +46,8 @@ CLASS_TEXTURES: dict[str, str] = {
 }
 # Class -> the background it usually sits on (context bias).
 CONTEXT_BACKGROUNDS: dict[str, str] = {"boat": "water", "plane": "sky"}
-GENERIC_BACKGROUNDS: tuple[str, ...] = ("noise", "gradient", "clutter", "lines")
+# The generic backgrounds (images without a context background) are drawn from ``cfg.backgrounds``: noise,
+# gradient, clutter, lines.
 SPLITS: tuple[str, ...] = ("train", "val")
 
 
@@ -111,7 +113,7 @@ def _plan(cfg: ShapesConfig, rng: np.random.Generator) -> ScenePlan:
         if rng.random() < cfg.context_bias:
             background = CONTEXT_BACKGROUNDS[anchors[0]]
         else:
-            background = GENERIC_BACKGROUNDS[int(rng.integers(len(GENERIC_BACKGROUNDS)))]
+            background = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
     else:
         u = rng.random()
         if u < cfg.context_elsewhere:
@@ -119,7 +121,7 @@ def _plan(cfg: ShapesConfig, rng: np.random.Generator) -> ScenePlan:
         elif u < 2 * cfg.context_elsewhere:
             background = "sky"
         else:
-            background = GENERIC_BACKGROUNDS[int(rng.integers(len(GENERIC_BACKGROUNDS)))]
+            background = cfg.backgrounds[int(rng.integers(len(cfg.backgrounds)))]
     return ScenePlan(height, width, background, tuple(objects))
 
 
@@ -274,8 +276,9 @@ def _gradient(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return first + (second - first) * t[..., None]
 
 
-def _background(kind: str, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) float32 background of the given kind."""
+def _background(kind: str, rng: np.random.Generator, height: int, width: int,
+                clutter: float = 1.0) -> np.ndarray:
+    """(H, W, 3) float32 background of the given kind; ``clutter`` multiplies its distractors."""
     short = min(height, width)
     if kind == "noise":
         fields = [_smooth_noise(rng, height, width, int(rng.integers(3, 8))) for _ in range(3)]
@@ -288,7 +291,7 @@ def _background(kind: str, rng: np.random.Generator, height: int, width: int) ->
         image = _gradient(rng, height, width)
         canvas = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(canvas)
-        count = int(rng.integers(8, 30))
+        count = round(int(rng.integers(8, 30)) * clutter)
         for _ in range(count):
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
             centre = (rng.uniform(0, width), rng.uniform(0, height))
@@ -300,7 +303,7 @@ def _background(kind: str, rng: np.random.Generator, height: int, width: int) ->
                 draw.polygon(_random_blob(rng, centre, rng.uniform(0.02, 0.07) * short), fill=colour)
         image = np.asarray(canvas, dtype=np.float32)
         if kind == "clutter":  # a few striped blobs: texture alone must not give a class away
-            for _ in range(int(rng.integers(1, 4))):
+            for _ in range(round(int(rng.integers(1, 4)) * clutter)):
                 blob = Image.new("L", (width, height), 0)
                 centre = (rng.uniform(0, width), rng.uniform(0, height))
                 ImageDraw.Draw(blob).polygon(_random_blob(rng, centre, rng.uniform(0.04, 0.09) * short), fill=1)
@@ -403,7 +406,7 @@ def _render(cfg: ShapesConfig, split: str, index: int):
     plan, owner, keep = _layout(cfg, rng)
     h, w = plan.height, plan.width
 
-    canvas = _background(plan.background, rng, h, w).astype(np.float32)
+    canvas = _background(plan.background, rng, h, w, cfg.clutter).astype(np.float32)
     labels = np.zeros((h, w), dtype=np.uint8)
     objects = []
     for i in keep:

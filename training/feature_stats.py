@@ -5,7 +5,7 @@ and stores, beside the weights, the mean and a shrunk covariance of their **pool
 tokens over the image's own tokens (not padding). The mean separates other kinds of pictures from the training data
 more than the global max pooling the classification layer reads: real photos against a 300-image shapes training
 set at 128 px gave OOD scores 1.26-2.09 with the mean and 1.14-1.58 with the max, 1 of 100 held-out shapes above 1
-with either (bench/RESULTS.md §12).
+with either (bench/RESULTS.md §16).
 A new image's distance to that distribution is the Mahalanobis distance
 
     d(f) = sqrt((f - mean)^T  S^-1  (f - mean)),   S = (1 - a) Cov + a (tr Cov / C) I + 1e-6 I   (a = shrinkage)

@@ -1,5 +1,6 @@
 """train_segmenter: paired augmentation, the masked loss, resume after SIGKILL equals an uninterrupted run, DDP."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -118,3 +119,16 @@ def test_two_process_ddp_with_gloo_and_val_curve(inputs, tmp_path):
     assert config["params"]["optim"]["optimizer"] == "adamw"
     curve = (tmp_path / "live/plots/metrics/val/miou.tsv").read_text().splitlines()
     assert curve[0].split("\t") == ["step", "miou"] and len(curve) == 3  # eval_every 2 of 4 steps
+
+
+def test_schedule_from_epochs_scales_with_the_data():
+    from config.schema import OptimConfig, SegmenterParams
+
+    fixed = SegmenterParams(optim=OptimConfig(iterations=200, batch_size=8))
+    assert fixed.iterations(1000) == fixed.iterations(50_000) == 200  # epochs 0: optim.iterations
+    p = dataclasses.replace(fixed, epochs=4.0)
+    assert p.iterations(1000) == 500 and p.iterations(10_001) == 5001  # ceil(4 x images / 8)
+    assert p.iterations(1000, processes=2) == 250  # crops per step grow with the processes
+    assert p.iterations(100) == 200  # never below optim.iterations
+    accum = dataclasses.replace(p, optim=OptimConfig(iterations=1, batch_size=8, grad_accum=2))
+    assert accum.iterations(1000) == 250

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -204,3 +205,21 @@ def test_stage_main_reads_params_and_rejects_unknown_keys(tmp_path, capsys):
     params.write_text("shapes:\n  min_side: 300\n  max_side: 200\n")
     with pytest.raises(ParamsError, match="min_side"):
         stage.main(["--params", str(params), "--out", str(tmp_path / "out")])
+
+
+def test_harder_variant_backgrounds_and_clutter():
+    """``backgrounds`` restricts the generic backgrounds; ``clutter`` changes the background, never the labels."""
+    hard = dataclasses.replace(SMALL, backgrounds=("clutter",), context_bias=1.0)
+    plans = [plan_image(hard, "train", i) for i in range(40)]
+    assert {p.background for p in plans} <= {"clutter", "water", "sky"}
+    for plan in plans:  # context bias 1: a boat always on water, a plane (without a boat first) on sky
+        anchors = [o.name for o in plan.objects if o.name in ("boat", "plane")]
+        if anchors:
+            assert plan.background == {"boat": "water", "plane": "sky"}[anchors[0]]
+    index = next(i for i, p in enumerate(plans) if p.background == "clutter")
+    plain, busy = generate_image(hard, "train", index), generate_image(dataclasses.replace(hard, clutter=3.0),
+                                                                       "train", index)
+    np.testing.assert_array_equal(plain[1], busy[1])
+    assert plain[2] == busy[2] and not np.array_equal(plain[0], busy[0])
+    with pytest.raises(ValueError, match="backgrounds"):
+        dataclasses.replace(SMALL, backgrounds=()).validate()
