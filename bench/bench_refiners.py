@@ -153,7 +153,7 @@ def main() -> None:
             plain = dataclasses.replace(refine, methods=tuple(leading_cam_methods(list(chain))), ignore_band=False)
             for target, outputs in ((pseudo[chain], results), (cams_cm[chain], refine_chunk(rgbs, cams, classes,
                                                                                               plain, device))):
-                for r, (mask, _) in zip(batch, outputs):
+                for r, (mask, *_) in zip(batch, outputs):
                     if mask.shape != r["truth"].shape:
                         mask = np.asarray(Image.fromarray(mask).resize((r["width"], r["height"]), Image.NEAREST))
                     target.update(r["truth"], mask)

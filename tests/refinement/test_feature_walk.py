@@ -135,7 +135,7 @@ def test_chain_runs_with_feature_walk(methods):
     cam[0, 3:7, 7:10] = 1.0  # a blob on the right (white) half
     p = RefineParams(methods=methods, superpixel=SuperpixelConfig(area=16),
                      feature_walk=FeatureWalkConfig(backbone=SMALL, weights="none", image_size=64))
-    [(mask, confidence)] = refine_chunk([rgb], [cam], [[3]], p, torch.device("cpu"))
+    [(mask, confidence, _)] = refine_chunk([rgb], [cam], [[3]], p, torch.device("cpu"))
     assert mask.shape == (40, 48) and 0.0 < confidence <= 1.0 and set(np.unique(mask)) <= {0, 3, 255}
     if "par" not in methods:  # (PAR's 24-px dilations wash a blob out of a 40x48 image)
         assert (mask[:, 24:] == 3).any() and not (mask[:, :20] == 3).any()

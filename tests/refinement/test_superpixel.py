@@ -67,7 +67,7 @@ def test_chain_runs_with_superpixel(methods):
     cam = np.zeros((1, 10, 12), np.float32)
     cam[0, :, 6:] = 1.0  # the class on the right half, at CAM resolution
     p = RefineParams(methods=methods, superpixel=SuperpixelConfig(area=36))
-    [(mask, confidence)] = refine_chunk([rgb], [cam], [[2]], p, torch.device("cpu"))
+    [(mask, confidence, _)] = refine_chunk([rgb], [cam], [[2]], p, torch.device("cpu"))
     assert mask.shape == (40, 48) and 0.0 < confidence <= 1.0
     assert set(np.unique(mask)) <= {0, 2, IGNORE_INDEX}
     assert (mask[:, 30:] == 2).mean() > 0.9 and (mask[:, :18] == 0).mean() > 0.9
@@ -80,6 +80,6 @@ def test_leading_superpixel_pools_cams_before_thresholds():
     cam = np.zeros((1, 16, 16), np.float32)
     cam[0, :, :8] = 0.8
     p = RefineParams(methods=("superpixel",), superpixel=SuperpixelConfig(area=256, compactness=100.0))
-    [(pooled, _)] = refine_chunk([rgb], [cam], [[1]], p, torch.device("cpu"))
-    [(plain, _)] = refine_chunk([rgb], [cam], [[1]], dataclasses.replace(p, methods=()), torch.device("cpu"))
+    [(pooled, _, _)] = refine_chunk([rgb], [cam], [[1]], p, torch.device("cpu"))
+    [(plain, _, _)] = refine_chunk([rgb], [cam], [[1]], dataclasses.replace(p, methods=()), torch.device("cpu"))
     assert (plain == 1).sum() == 128 and (pooled == 1).sum() == 0
