@@ -1,6 +1,5 @@
 """BatchNorm folded into convolutions: same outputs, only BatchNorms fed by a convolution alone are folded."""
 
-import pytest
 import timm
 import torch
 from torch import nn
