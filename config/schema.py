@@ -227,6 +227,8 @@ class DumpCamsParams:
     pad_multiple: int = param(32, lo=1, hi=4096, help="pad the resized image bottom/right to a multiple of this")
     cam_size: int = param(192, lo=0, hi=4096, help="long side of the stored CAMs; 0 = image_size")
     batch_size: int = param(16, lo=1, help="images per network batch")
+    workers: int = param(1, lo=1, help="CPU: processes that dump, one torch thread each; 1 = in the stage's process "
+                                       "(a GPU always dumps in the stage's process)")
     aux: bool = param(False, help="also store the auxiliary head's CAMs")
     predict_threshold: float = param(0.5, lo=0.0, hi=1.0, help="untagged rows: classes with sigmoid > this (none clears "
                                                                  "it: tag source unknown, see refine.no_known_class)")

@@ -6,6 +6,8 @@ What it consumes and produces, and how it resumes: the docstring of ``stages/dum
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -24,6 +26,7 @@ from config.loader import to_dict
 from config.schema import DumpCamsParams
 from models.backbone import patch_stride
 from models.cam import multiscale_cam, valid_at_tokens
+from models.fold import fold_batchnorm
 from parallel import shard_map
 from shards.cams import UNKNOWN, cam_schema, decode_cams, encode_affinity, encode_cams
 from shards.fingerprint import classifier_fingerprint, code_version, fingerprint, hash_params, sha256_file
@@ -37,7 +40,10 @@ from training.data import to_tensor
 from training.feature_stats import pooled_features
 
 log = logging.getLogger("dump_cams")
-REPORT_ONLY = ("eval_split", "bkg_threshold")  # decide metrics, not shard bytes: kept out of the fingerprint
+# decide metrics or speed, not what a shard holds: kept out of the fingerprint (workers, like runtime.num_threads,
+# changes CAMs by float rounding only)
+REPORT_ONLY = ("eval_split", "bkg_threshold", "workers")
+PIECES_PER_WORKER = 2  # pieces of a split shard per worker (split_pieces): balance against one model per worker
 
 
 def padded_size(height: int, width: int, p: DumpCamsParams) -> tuple[int, int]:
@@ -220,22 +226,46 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     return out
 
 
-def dump_shard(model: torch.nn.Module, path: Path, p: DumpCamsParams, env: rt.Runtime, bar: tqdm) -> list[dict]:
-    """CAM rows of one manifest shard, in its row order; batches group equal padded shapes."""
-    rows = pq.ParquetFile(path).read(columns=["image_id", "split", "image", "tags", "height", "width"]).to_pylist()
+def shard_batches(rows: list[dict[str, Any]], p: DumpCamsParams) -> list[list[int]]:
+    """Row indices of the network batches of one shard: rows of one padded shape, in row order, split into the
+    fewest batches of at most ``batch_size``, of near-equal sizes (24 rows at 16: 12 + 12, not 16 + 8, so that
+    the pieces of a split shard weigh the same). A function of the rows and params alone (``CamShardTask.batches``)."""
     shapes = [padded_size(row["height"], row["width"], p) for row in rows]
-    batches: list[list[int]] = []
+    groups: dict[tuple[int, int], list[int]] = {}
     for i in sorted(range(len(rows)), key=lambda i: (shapes[i], i)):
-        if batches and len(batches[-1]) < p.batch_size and shapes[batches[-1][0]] == shapes[i]:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    out: list[dict | None] = [None] * len(rows)
-    for batch in batches:
+        groups.setdefault(shapes[i], []).append(i)
+    batches = []
+    for members in groups.values():
+        count = math.ceil(len(members) / p.batch_size)
+        bounds = [len(members) * k // count for k in range(count + 1)]
+        batches += [members[a:b] for a, b in zip(bounds, bounds[1:])]
+    return batches
+
+
+def read_manifest_rows(path: Path) -> list[dict[str, Any]]:
+    return pq.ParquetFile(path).read(columns=["image_id", "split", "image", "tags", "height", "width"]).to_pylist()
+
+
+def dump_rows(model: torch.nn.Module, path: Path, p: DumpCamsParams, env: rt.Runtime, bar: tqdm,
+              batches: tuple[int, int] | None = None) -> dict[int, dict[str, Any]]:
+    """CAM rows of one manifest shard's batches ``batches`` [start, stop) of ``shard_batches`` (all when None), by
+    row index."""
+    rows = read_manifest_rows(path)
+    chosen = shard_batches(rows, p)
+    if batches is not None:
+        chosen = chosen[batches[0]: batches[1]]
+    out: dict[int, dict[str, Any]] = {}
+    for batch in chosen:
         for i, result in zip(batch, cams_for_batch(model, [rows[i] for i in batch], p, env)):
             out[i] = result
         bar.update(len(batch))
     return out
+
+
+def dump_shard(model: torch.nn.Module, path: Path, p: DumpCamsParams, env: rt.Runtime, bar: tqdm) -> list[dict]:
+    """CAM rows of one manifest shard, in its row order; batches group equal padded shapes."""
+    out = dump_rows(model, path, p, env, bar)
+    return [out[i] for i in range(len(out))]
 
 
 def cam_metrics(cams_dir: Path, manifest_dir: Path, split: str, class_names: list[str],
@@ -277,20 +307,82 @@ class CamShardTask:
     path: str
     params: DumpCamsParams
     device: str
+    batches: tuple[int, int] | None = None  # a piece of the shard: batches [start, stop) of shard_batches; None = all
 
 
-_WORKER: dict[str, Any] = {}  # a Dask worker's classifier, loaded once per worker (parallel/shard_map.py init)
+_WORKER: dict[str, Any] = {}  # a worker's classifier, loaded once per worker (parallel/shard_map.py init)
+FOLD_EXAMPLE_SIDE = 64  # side of the random image that traces and checks the BatchNorm folding (models/fold.py)
+
+
+def inference_classifier(classifier_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
+    """The classifier for CAMs: on CPU with its convolutions' BatchNorms folded in (models/fold.py; float
+    rounding only, ~25% of a CPU dump saved). Not on CUDA, where the cuDNN path fuses them anyway."""
+    model, classes = load_classifier(classifier_dir, device)
+    if device.type == "cpu":
+        example = torch.rand(1, 3, FOLD_EXAMPLE_SIDE, FOLD_EXAMPLE_SIDE, generator=torch.Generator().manual_seed(0))
+        fold_batchnorm(model, example, run=lambda module, x: module.encode(x)["tokens"])
+    return model, classes
 
 
 def load_worker_model(classifier_dir: str, model_fp: str, device: str) -> None:
     """``model_fp`` is part of the init key, so a worker that outlives a run reloads a retrained classifier."""
     env = rt.setup_runtime(device)
-    _WORKER.update(env=env, model=load_classifier(classifier_dir, env.device)[0], model_fp=model_fp)
+    _WORKER.update(env=env, model=inference_classifier(classifier_dir, env.device)[0], model_fp=model_fp)
 
 
-def dump_cam_shard(task: CamShardTask) -> list[dict[str, Any]]:
-    """CAM rows of one manifest shard, computed on a worker (the stage writes the shards itself)."""
-    return dump_shard(_WORKER["model"], Path(task.path), task.params, _WORKER["env"], tqdm(disable=True))
+def dump_cam_shard(task: CamShardTask) -> dict[int, dict[str, Any]]:
+    """CAM rows of one manifest shard (or of its piece ``task.batches``), by row index, computed on a worker (the
+    stage writes the shards itself)."""
+    return dump_rows(_WORKER["model"], Path(task.path), task.params, _WORKER["env"], tqdm(disable=True),
+                     task.batches)
+
+
+def split_pieces(tasks: list[CamShardTask], workers: int) -> list[CamShardTask]:
+    """Fewer shards than workers (a small collection is one shard): each shard as pieces of whole batches, about
+    ``PIECES_PER_WORKER`` per worker. Pieces cut at batch boundaries compute the batches the whole shard would."""
+    if len(tasks) >= workers:
+        return tasks
+    pieces = []
+    for task in tasks:
+        batches = len(shard_batches(read_manifest_rows_light(Path(task.path)), task.params))
+        count = max(1, min(batches, math.ceil(PIECES_PER_WORKER * workers / len(tasks))))
+        bounds = [round(k * batches / count) for k in range(count + 1)]
+        pieces += [dataclasses.replace(task, batches=(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return pieces
+
+
+def read_manifest_rows_light(path: Path) -> list[dict[str, Any]]:
+    """The sizes of a manifest shard's rows (what ``shard_batches`` reads), without the image bytes."""
+    return pq.ParquetFile(path).read(columns=["height", "width"]).to_pylist()
+
+
+def use_pool(params, env: rt.Runtime, pending: int) -> bool:
+    """CAMs in worker processes: on Dask when asked (``runtime``), or on a CPU with ``dump_cams.workers`` > 1 (a
+    process per core with one torch thread each dumps ~1.5x the images per CPU-second of one process on all cores,
+    and its BatchNorm-bound stem scales across processes better than across threads: bench/RESULTS.md §12)."""
+    if not pending:
+        return False
+    if shard_map.use_dask(params.runtime):
+        return True
+    return env.device.type == "cpu" and params.dump_cams.workers > 1
+
+
+def classifier_classes(classifier_dir: str | Path) -> list[str]:
+    """The class names of a classifier folder, from its config (without building the model)."""
+    return list(json.loads((Path(classifier_dir) / "config.json").read_text())["class_names"])
+
+
+def _whole_shards(parts, pieces: list[CamShardTask], bar: tqdm):
+    """(shard path, rows in row order) of every shard, once all its pieces are in (pieces arrive in any order)."""
+    expected = {task.path: sum(piece.path == task.path for piece in pieces) for task in pieces}
+    received: dict[str, list[dict[int, dict[str, Any]]]] = {}
+    for i, rows in parts:
+        path = pieces[i].path
+        received.setdefault(path, []).append(rows)
+        bar.update(len(rows))
+        if len(received[path]) == expected[path]:
+            merged = {k: row for part in received.pop(path) for k, row in part.items()}
+            yield path, [merged[k] for k in range(len(merged))]
 
 
 def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, metrics_path: Path | None = None,
@@ -300,7 +392,7 @@ def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, m
     env = rt.setup_runtime(params.runtime.device, params.runtime.num_threads)
     manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
     classes = read_classes(manifest_dir)
-    model, model_classes = load_classifier(classifier_dir, env.device)
+    model_classes = classifier_classes(classifier_dir)
     if list(model_classes) != list(classes["class_names"]):
         raise ValueError(f"{classifier_dir}: classifier classes {model_classes} differ from the manifest's")
     shard_params = {k: v for k, v in to_dict(p).items() if k not in REPORT_ONLY}
@@ -329,19 +421,26 @@ def dump_cams(params, manifest_dir: Path, classifier_dir: Path, out_dir: Path, m
             continue
         pending.append((path, sha, key))
     tick = time.perf_counter()
-    on_dask = len(pending) > 1 and shard_map.use_dask(params.runtime)  # same rows; this stage writes the shards
-    if on_dask:
+    pooled = use_pool(params, env, len(pending))  # the same rows either way; this stage writes the shards
+    if pooled:
         tasks = [CamShardTask(str(path.resolve()), p, params.runtime.device) for path, _, _ in pending]
-        results = shard_map.map_tasks("labelling.cams:dump_cam_shard", tasks, params.runtime,
-                                      init="labelling.cams:load_worker_model",
-                                      init_args=(str(Path(classifier_dir).resolve()), model_fp, params.runtime.device))
+        on_dask = shard_map.use_dask(params.runtime)
+        pieces = tasks if on_dask else split_pieces(tasks, p.workers)
+        runtime = params.runtime if on_dask else dataclasses.replace(params.runtime, num_threads=0)  # cores / workers
+        parts = shard_map.map_tasks("labelling.cams:dump_cam_shard", pieces, runtime,
+                                    workers=min(p.workers, len(pieces)), init="labelling.cams:load_worker_model",
+                                    init_args=(str(Path(classifier_dir).resolve()), model_fp, params.runtime.device))
+        results = _whole_shards(parts, pieces, bar)
+    elif pending:
+        model = inference_classifier(classifier_dir, env.device)[0]
+        results = ((str(path.resolve()), dump_shard(model, path, p, env, bar)) for path, _, _ in pending)
     else:
-        results = ((i, dump_shard(model, path, p, env, bar)) for i, (path, _, _) in enumerate(pending))
-    for i, rows in results:
-        path, sha, key = pending[i]
+        results = iter(())
+    index = {str(path.resolve()): n for n, (path, _, _) in enumerate(pending)}
+    for source, rows in results:
+        path, sha, key = pending[index[source]]
         shards.write(path.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=key,
                      split=path.name.rsplit("-", 1)[0], manifest_sha256=sha)
-        bar.update(len(rows) if on_dask else 0)
         images += len(rows)
         computed.append(path.name)
     busy = time.perf_counter() - tick

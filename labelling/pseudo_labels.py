@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from shards.pseudo_labels import label_score, mask_stats, pseudo_label_metrics, 
 
 log = logging.getLogger("refine")
 REPORT_ONLY = ("eval_splits", "overlays")  # decide metrics and plots, not shard bytes: not in the fingerprint
+PIECES_PER_WORKER = 2  # pieces of a split shard per worker (split_tasks): balance against re-reading the shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,37 +55,52 @@ class ShardTask:
     device: str
     corrections_dir: str | None = None  # a correction set (shards/corrections.py)
     corrected: tuple[str, ...] = ()  # the ids of this shard it corrects
+    chunks: tuple[int, int] | None = None  # a piece of the shard: PAR chunks [start, stop) of chunk_order; None = all
 
 
-def refine_shard(task: ShardTask) -> dict[str, Any]:
-    """Pseudo labels of one CAM shard, written into the output ShardSet; runs in a pool worker or in-process."""
+def chunk_order(cams: list[dict[str, Any]], p: RefineParams) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """Working size of every CAM row and the PAR chunks: row indices sorted by working size (similar sizes share a
+    padded batch), ``batch_size`` at a time. A function of the rows and params alone, so every piece of a split
+    shard (``ShardTask.chunks``) computes exactly the chunks the whole shard would."""
+    # the working size: the long side capped at max_side, never enlarged
+    work = [long_side_size(r["height"], r["width"], min(p.max_side, max(r["height"], r["width"]))) for r in cams]
+    order = sorted(range(len(cams)), key=lambda i: (work[i], i))
+    return work, [order[start: start + p.batch_size] for start in range(0, len(order), p.batch_size)]
+
+
+def refine_rows(task: ShardTask) -> dict[str, Any]:
+    """Pseudo-label rows of one CAM shard's chunks ``task.chunks`` (all when None), not written: {rows: {row index:
+    row}, confusion, gt_images, uncorrected, gt_uncorrected} (the confusion matrices as nested lists)."""
     p, num_classes = task.params, len(task.class_names)
     cams = pq.ParquetFile(task.cams_path).read().to_pylist()
     manifest = pq.ParquetFile(task.manifest_path).read(columns=["image_id", "image", "mask"]).to_pylist()
     if [r["image_id"] for r in cams] != [r["image_id"] for r in manifest]:
         raise ValueError(f"{task.cams_path}: rows differ from {task.manifest_path}; run dump_cams again")
-    # the working size: the long side capped at max_side, never enlarged
-    work = [long_side_size(r["height"], r["width"], min(p.max_side, max(r["height"], r["width"]))) for r in cams]
-    order = sorted(range(len(cams)), key=lambda i: (work[i], i))  # similar sizes share a PAR batch
-    confusion, gt_images, rows = ConfusionMatrix(num_classes), 0, [None] * len(cams)
+    work, chunks = chunk_order(cams, p)
+    if task.chunks is not None:
+        chunks = chunks[task.chunks[0]: task.chunks[1]]
+    confusion, gt_images, rows = ConfusionMatrix(num_classes), 0, {}
     uncorrected, gt_uncorrected = ConfusionMatrix(num_classes), 0
     unknown = {i for i, row in enumerate(cams)  # no known class (dump_cams): nothing to refine
                if row["tag_source"] == UNKNOWN and row["image_id"] not in task.corrected}
-    refined = [i for i in order if i not in unknown]
-    blank: list[tuple[int, tuple[np.ndarray, float, float | None]]] = [
-        (i, (np.full((cams[i]["height"], cams[i]["width"]), IGNORE_INDEX, np.uint8), 0.0, None))
-        for i in sorted(unknown) if p.no_known_class == "ignore"]
-    chunks = [refined[start: start + p.batch_size] for start in range(0, len(refined), p.batch_size)]
-    for chunk in chunks + ([[i for i, _ in blank]] if blank else []):
-        if chunk and chunk[0] in unknown:
-            results = [result for _, result in blank]
-        else:
+    excluded = []  # rows of unknown images left out (no_known_class: exclude)
+    for chunk in chunks:
+        known = [i for i in chunk if i not in unknown]
+        results = {}
+        if known:
             # a writeable copy: torch and pydensecrf refuse PIL's read-only buffers
-            rgbs = [np.array(resize_long(decode_rgb(manifest[i]["image"]["bytes"]), max(work[i]))) for i in chunk]
-            extras = [{"fg": decode_fg(cams[i]), "affinity": decode_affinity(cams[i])} for i in chunk]
-            results = refine_chunk(rgbs, [decode_cams(cams[i]) for i in chunk], [cams[i]["classes"] for i in chunk],
-                                   p, torch.device(task.device), extras)
-        for i, (mask, confidence, object_confidence) in zip(chunk, results):
+            rgbs = [np.array(resize_long(decode_rgb(manifest[i]["image"]["bytes"]), max(work[i]))) for i in known]
+            extras = [{"fg": decode_fg(cams[i]), "affinity": decode_affinity(cams[i])} for i in known]
+            results = dict(zip(known, refine_chunk(rgbs, [decode_cams(cams[i]) for i in known],
+                                                   [cams[i]["classes"] for i in known], p, torch.device(task.device),
+                                                   extras)))
+        for i in chunk:
+            if i in unknown:
+                if p.no_known_class == "exclude":
+                    excluded.append(i)
+                    continue
+                results[i] = (np.full((cams[i]["height"], cams[i]["width"]), IGNORE_INDEX, np.uint8), 0.0, None)
+            mask, confidence, object_confidence = results[i]
             row, height, width = cams[i], cams[i]["height"], cams[i]["width"]
             if mask.shape != (height, width):
                 mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
@@ -114,15 +131,53 @@ def refine_shard(task: ShardTask) -> dict[str, Any]:
                        "pixels": pixels,
                        "boxes": mask_boxes(mask, num_classes, min_pixels=p.boxes.min_pixels,
                                            connectivity=p.boxes.connectivity)}
+    return {"rows": rows, "excluded": excluded, "unknown": sum(1 for c in chunks for i in c if i in unknown),
+            "confusion": confusion.matrix.tolist(), "gt_images": gt_images,
+            "uncorrected": uncorrected.matrix.tolist(), "gt_uncorrected": gt_uncorrected}
+
+
+def write_shard(task: ShardTask, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pieces of one shard (``refine_rows`` results covering every row, written or excluded) as its pseudo-label
+    shard."""
+    rows = {i: row for part in parts for i, row in part["rows"].items()}
+    covered = sorted([*rows, *(i for part in parts for i in part["excluded"])])
+    if covered != list(range(len(covered))):
+        raise ValueError(f"{task.name}: pieces cover rows {covered[:10]}..., not every row")
+    confusion, uncorrected = (np.sum([np.asarray(part[k], np.int64) for part in parts], axis=0)
+                              for k in ("confusion", "uncorrected"))
+    p = task.params
     schema = pseudo_label_schema(task.class_names, task.palette, dict(task.producer), methods=p.methods,
                                  boxes=to_dict(p.boxes))
-    rows = [row for row in rows if row is not None]  # no row for an excluded image (no_known_class: exclude)
-    return ShardSet(task.out_dir).write(task.name, pa.Table.from_pylist(rows, schema=schema), fingerprint=task.key,
-                                        split=task.name.rsplit("-", 1)[0], gt_images=gt_images,
-                                        confusion=confusion.matrix.tolist(), no_known_class=len(unknown),
-                                        **({"corrected": len(task.corrected), "gt_uncorrected": gt_uncorrected,
-                                            "confusion_uncorrected": uncorrected.matrix.tolist()}
+    table = pa.Table.from_pylist([rows[i] for i in sorted(rows)], schema=schema)
+    return ShardSet(task.out_dir).write(task.name, table, fingerprint=task.key,
+                                        split=task.name.rsplit("-", 1)[0],
+                                        gt_images=sum(part["gt_images"] for part in parts),
+                                        confusion=confusion.tolist(),
+                                        no_known_class=sum(part["unknown"] for part in parts),
+                                        **({"corrected": len(task.corrected),
+                                            "gt_uncorrected": sum(part["gt_uncorrected"] for part in parts),
+                                            "confusion_uncorrected": uncorrected.tolist()}
                                            if task.corrected else {}))
+
+
+def refine_shard(task: ShardTask) -> dict[str, Any]:
+    """Pseudo labels of one CAM shard, written into the output ShardSet; runs in a pool worker or in-process."""
+    return write_shard(task, [refine_rows(task)])
+
+
+def split_tasks(tasks: list[ShardTask], rows: dict[str, int], workers: int) -> list[ShardTask]:
+    """Fewer shards than workers (a small collection is one shard): each shard as pieces of whole PAR chunks, about
+    ``PIECES_PER_WORKER`` per worker, so that every core refines (the CRF is single-threaded) and a slow piece does
+    not hold the others up. Pieces cut at chunk boundaries compute what the whole shard would: the same bytes."""
+    if workers <= 1 or len(tasks) >= workers:
+        return tasks
+    pieces = []
+    for task in tasks:
+        chunks = math.ceil(rows[task.name] / task.params.batch_size)
+        count = max(1, min(chunks, math.ceil(PIECES_PER_WORKER * workers / len(tasks))))
+        bounds = [round(k * chunks / count) for k in range(count + 1)]
+        pieces += [dataclasses.replace(task, chunks=(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return pieces
 
 
 def first_cam_row(cams_dir: Path) -> dict[str, Any] | None:
@@ -138,10 +193,22 @@ def first_cam_row(cams_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def run_tasks(tasks: list[ShardTask], bar: tqdm, runtime) -> None:
-    """Shard tasks on the one parallel map (parallel/shard_map.py: in-process, pool or Dask, per ``runtime``)."""
-    for _, entry in shard_map.map_tasks("labelling.pseudo_labels:refine_shard", tasks, runtime):
-        bar.update(entry["rows"])
+def run_tasks(tasks: list[ShardTask], bar: tqdm, runtime, rows: dict[str, int]) -> None:
+    """Shard tasks on the one parallel map (parallel/shard_map.py: in-process, pool or Dask, per ``runtime``); with
+    fewer shards than workers, pieces of shards (``split_tasks``), each shard written once all its pieces are in."""
+    pieces = split_tasks(tasks, rows, runtime.num_workers)
+    if pieces is tasks:
+        for _, entry in shard_map.map_tasks("labelling.pseudo_labels:refine_shard", tasks, runtime):
+            bar.update(entry["rows"])
+        return
+    waiting = {task.name: sum(piece.name == task.name for piece in pieces) for task in tasks}
+    parts: dict[str, list[dict[str, Any]]] = {task.name: [] for task in tasks}
+    for i, part in shard_map.map_tasks("labelling.pseudo_labels:refine_rows", pieces, runtime):
+        name = pieces[i].name
+        parts[name].append(part)
+        bar.update(len(part["rows"]))
+        if len(parts[name]) == waiting[name]:
+            write_shard(dataclasses.replace(pieces[i], chunks=None), parts.pop(name))
 
 
 def refine_cams(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metrics_path: Path | None = None,
@@ -196,7 +263,7 @@ def refine_cams(params, cams_dir: Path, manifest_dir: Path, out_dir: Path, metri
     images = sum(cam_index[t.name]["rows"] for t in tasks)
     bar = tqdm(total=images, desc="refine", unit="img", disable=not progress)
     started = time.perf_counter()
-    run_tasks(tasks, bar, params.runtime)
+    run_tasks(tasks, bar, params.runtime, {t.name: cam_index[t.name]["rows"] for t in tasks})
     seconds = time.perf_counter() - started
     bar.close()
     removed = shards.prune(cam_index)

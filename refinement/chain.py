@@ -68,17 +68,18 @@ def check_methods(methods: tuple[str, ...], first_row: dict | None, source: str 
 
 def crf_step(rgbs: list[np.ndarray], stacks: torch.Tensor, counts: list[int], runs: int, cfg) -> torch.Tensor:
     """CRF of every image's every run on its own pixels and present slots. stacks: (B, runs * (P+1), H, W)."""
-    from refinement.crf import crf_inference
+    from refinement.crf import crf_inference_runs
 
     out = stacks.detach().cpu().clone()
     planes = stacks.shape[1] // runs  # P + 1
     for b, rgb in enumerate(rgbs):
         h, w = rgb.shape[:2]
         image = rgb if rgb.flags.writeable else np.array(rgb)  # pydensecrf needs a writeable buffer
-        for run in range(runs):
-            lo, hi = run * planes, run * planes + counts[b] + 1  # absent slots are exactly 0: leave them out
-            probs = out[b, lo:hi, :h, :w].numpy()
-            out[b, lo:hi, :h, :w] = torch.from_numpy(crf_inference(image, probs, cfg))
+        spans = [(run * planes, run * planes + counts[b] + 1) for run in range(runs)]  # absent slots are 0: left out
+        # the runs share one set of pairwise kernels (they depend on the image only): same marginals, half the set-up
+        refined = crf_inference_runs(image, [out[b, lo:hi, :h, :w].numpy() for lo, hi in spans], cfg)
+        for (lo, hi), marginals in zip(spans, refined):
+            out[b, lo:hi, :h, :w] = torch.from_numpy(marginals)
     return out.to(stacks.device)
 
 

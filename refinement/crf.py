@@ -76,6 +76,23 @@ def crf_inference(image: np.ndarray, probs: np.ndarray, cfg: CrfConfig = CrfConf
     return _infer(_pairwise_crf(image, probs.shape[0], cfg), probs, cfg.iterations)
 
 
+def crf_inference_runs(image: np.ndarray, runs: Sequence[np.ndarray], cfg: CrfConfig = CrfConfig()
+                       ) -> list[np.ndarray]:
+    """:func:`crf_inference` of several probability stacks of one image, each (C, H, W) with the same C (the
+    refine chain's high and low runs): the pairwise kernels are built once and shared, which gives the same
+    marginals as separate calls (``inference`` restarts from each unary) for about half the set-up cost."""
+    image = _check_image(image)
+    runs = [_check_planes(probs, image, "probs").astype(np.float32, copy=False) for probs in runs]
+    if not runs:
+        return []
+    if len({probs.shape[0] for probs in runs}) != 1:
+        raise ValueError(f"runs must have the same number of labels, got {[probs.shape[0] for probs in runs]}")
+    if runs[0].shape[0] == 1:
+        return [np.ones_like(probs) for probs in runs]  # one label: nothing to decide
+    crf = _pairwise_crf(image, runs[0].shape[0], cfg)
+    return [_infer(crf, probs, cfg.iterations) for probs in runs]
+
+
 def crf_refine_probs(image: np.ndarray, probs: np.ndarray, cfg: CrfConfig) -> np.ndarray:
     """Plain refinement of a segmenter's full (K+1, H, W) probability stack (``evaluate.crf``'s kernels).
 

@@ -19,6 +19,11 @@ largest image *of a batch* instead would change an image's CAM with its neighbou
 token and interpolates its position embedding to the padded grid), so a CAM would depend on batch size and shard
 order. Here an image's input is a function of the image alone: batched CAMs equal batch-1 CAMs up to rounding.
 
+On a CPU, ``dump_cams.workers`` > 1 dumps in that many processes of one torch thread each (with fewer shards than
+workers, each shard as pieces of whole batches; the stage writes every shard itself), and the classifier's
+convolutions carry their BatchNorms folded in (``models/fold.py``): float rounding only, like ``runtime.num_threads``,
+so neither is in the shard fingerprint.
+
 Resumable per shard: fingerprint = the shard-deciding params + classifier hash + code version + the manifest shard's
 sha256 + device type (bf16 on CUDA changes values). A rerun recomputes only missing or stale shards and prunes
 shards that do not belong. Memory is bounded by one shard's encoded images plus one batch.

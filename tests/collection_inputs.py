@@ -27,7 +27,7 @@ TINY_CLASSIFIER = ClassifierParams(  # a 4-block, 32-wide ViT on 8-px patches: b
 # What the relabel tests override in params.yaml: small CAMs, one refine process.
 TINY_RELABEL = {
     "runtime": {"num_threads": 1, "num_workers": 1},
-    "dump_cams": {"image_size": 64, "cam_size": 32, "scales": [1.0], "batch_size": 8},
+    "dump_cams": {"image_size": 64, "cam_size": 32, "scales": [1.0], "batch_size": 8, "workers": 1},
     "refine": {"overlays": 2},
 }
 

@@ -21,7 +21,7 @@ PROJECT_FILES.append("data/corrections/README.md")  # keeps data/corrections, a 
 TINY = {
     "shapes": {"num_train": 24, "num_val": 8, "min_side": 64, "max_side": 96},
     "prepare": {"rows_per_shard": 16},
-    "dump_cams": {"image_size": 64, "cam_size": 32, "predict_size": 64},
+    "dump_cams": {"image_size": 64, "cam_size": 32, "predict_size": 64, "workers": 1},
     "train_classifier": {
         "model": {"stem": "", "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "seg_dim": 16,
                   "proj_hidden_dim": 32, "proj_bottleneck_dim": 16, "proj_out_dim": 32},

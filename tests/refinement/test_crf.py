@@ -12,6 +12,7 @@ from refinement.crf import (  # noqa: E402
     _pairwise_crf,
     _softmax_with_background,
     crf_inference,
+    crf_inference_runs,
     crf_refine_probs,
     crf_two_thresholds,
 )
@@ -130,6 +131,20 @@ def test_reused_pairwise_gives_identical_marginals():
     np.testing.assert_array_equal(q_a, _infer(_pairwise_crf(image, 3, cfg), probs_a, cfg.iterations))
     np.testing.assert_array_equal(q_b, _infer(_pairwise_crf(image, 3, cfg), probs_b, cfg.iterations))
     assert not np.array_equal(q_a, q_b)  # the second unary really replaced the first
+
+
+def test_runs_sharing_pairwise_equal_separate_calls():
+    image, cams = random_case(seed=5, p=2)
+    cfg = CrfConfig(iterations=5)
+    runs = [_softmax_with_background(cams, bkg) for bkg in (0.7, 0.5)]
+    shared = crf_inference_runs(image, runs, cfg)
+    assert len(shared) == 2 and not np.array_equal(shared[0], shared[1])
+    for probs, marginals in zip(runs, shared):
+        np.testing.assert_array_equal(marginals, crf_inference(image, probs, cfg))
+    one_label = [np.ones((1, *image.shape[:2]), np.float32)] * 2
+    assert all((q == 1).all() for q in crf_inference_runs(image, one_label, cfg))
+    with pytest.raises(ValueError, match="same number of labels"):
+        crf_inference_runs(image, [runs[0], runs[0][:2]], cfg)
 
 
 def test_no_present_class_gives_all_background():

@@ -16,6 +16,14 @@ import yaml
 from config.schema import DumpCamsParams, Params, PrepareConfig, RuntimeConfig, ShapesConfig
 from models.toco import ToCo
 from conftest import ROOT, kill_when_paused, tiny_params, tool_env
+from labelling.cams import (
+    CamShardTask,
+    dump_cam_shard,
+    load_worker_model,
+    padded_size,
+    shard_batches,
+    split_pieces,
+)
 from shards.cams import decode_cams
 from shards.fingerprint import classifier_fingerprint
 from shards.io import ShardSet, read_metadata
@@ -127,6 +135,50 @@ def test_batches_of_mixed_sizes_equal_batch_size_one(dumped, tmp_path):
         torch.testing.assert_close(torch.from_numpy(decode_cams(a)), torch.from_numpy(decode_cams(b)),
                                    atol=2e-3, rtol=0)
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+
+
+def test_batches_group_one_padded_shape_in_near_equal_sizes():
+    p = DumpCamsParams(image_size=128, pad_multiple=32, batch_size=16)
+    rows = [{"height": 96, "width": 128}] * 24 + [{"height": 128, "width": 96}] * 5
+    batches = shard_batches(rows, p)
+    assert [len(b) for b in batches] == [12, 12, 5]  # 24 at 16 a batch: 12 + 12, not 16 + 8
+    assert sorted(i for b in batches for i in b) == list(range(29))
+    assert all(len({padded_size(rows[i]["height"], rows[i]["width"], p) for i in b}) == 1 for b in batches)
+
+
+def test_pieces_of_whole_batches_give_the_rows_of_the_whole_shard(dumped):
+    _, manifest, classifier, _ = dumped
+    p = make_params(batch_size=2).dump_cams
+    tasks = [CamShardTask(str(path), p, "cpu") for path in manifest_files(manifest, "train")]
+    pieces = split_pieces(tasks, workers=4)  # 2 shards for 4 workers: each shard in pieces
+    assert len(pieces) > len(tasks) and all(piece.batches is not None for piece in pieces)
+    load_worker_model(str(classifier), "test", "cpu")
+    whole = {task.path: dump_cam_shard(task) for task in tasks}
+    for task in tasks:
+        rows = {}
+        for piece in (piece for piece in pieces if piece.path == task.path):
+            part = dump_cam_shard(piece)
+            assert not set(part) & set(rows)  # no row twice
+            rows.update(part)
+        assert rows == whole[task.path]  # every row, equal to the whole shard's
+
+
+@pytest.mark.slow
+def test_dump_workers_split_shards_into_pieces_of_whole_batches(dumped, tmp_path):
+    root, manifest, classifier, _ = dumped
+    # 3 shards for 4 worker processes: every shard is dumped as pieces (batches of 2) on several workers
+    pooled = dump_cams.run(make_params(batch_size=2, workers=4), manifest, classifier, tmp_path / "pool",
+                           progress=False)
+    alone = dump_cams.run(make_params(batch_size=2), manifest, classifier, tmp_path / "alone", progress=False)
+    assert pooled["images"] == alone["images"] == 12 and sorted(pooled["computed"]) == sorted(alone["computed"])
+    for a, b in zip(all_rows(tmp_path / "pool"), all_rows(tmp_path / "alone"), strict=True):
+        assert (a["image_id"], a["classes"], a["tag_source"]) == (b["image_id"], b["classes"], b["tag_source"])
+        torch.testing.assert_close(torch.from_numpy(decode_cams(a)), torch.from_numpy(decode_cams(b)),
+                                   atol=2e-3, rtol=0)
+    # workers is a speed setting: the shards of one are the shards of the other, not recomputed
+    again = dump_cams.run(make_params(batch_size=2, workers=1), manifest, classifier, tmp_path / "pool",
+                          progress=False)
+    assert again["computed"] == [] and len(again["skipped"]) == 3
 
 
 def test_resume_recomputes_only_missing_shards_and_matches(dumped, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from PIL import Image
 pytest.importorskip("pydensecrf.densecrf")
 
 from config.schema import BoxConfig, CrfConfig, DumpCamsParams, Params, RefineParams, RuntimeConfig  # noqa: E402
+from labelling.pseudo_labels import PIECES_PER_WORKER, ShardTask, split_tasks  # noqa: E402
 from models.configs import ParConfig, ThresholdConfig  # noqa: E402
 from models.pseudo import online_pseudo_labels  # noqa: E402
 from refinement.chain import refine_chunk  # noqa: E402
@@ -128,6 +129,26 @@ def test_two_processes_write_identical_shards(inputs, tmp_path):
     result = refine.run(make_params(workers=2), root / "cams", manifest, tmp_path, progress=False)
     assert len(result["computed"]) == 3
     assert shard_hashes(tmp_path) == shard_hashes(root / "pseudo")
+
+
+def test_fewer_shards_than_workers_split_into_pieces_that_write_identical_shards(inputs, tmp_path):
+    root, manifest, _ = inputs  # 3 shards of 4 rows; 4 workers: each shard is refined as pieces on several workers
+    whole = refine.run(make_params(batch_size=1), root / "cams", manifest, tmp_path / "whole", progress=False)
+    pieces = refine.run(make_params(workers=4, batch_size=1), root / "cams", manifest, tmp_path / "pieces",
+                        progress=False)
+    assert shard_hashes(tmp_path / "pieces") == shard_hashes(tmp_path / "whole")
+    assert pieces["metrics"] == whole["metrics"] and pieces["metrics"]["gt_images"] > 0
+
+
+def test_split_tasks_cover_every_chunk_once():
+    task = ShardTask("train-00000.parquet", "", "", "", "", RefineParams(batch_size=4), (), (), (), "cpu")
+    assert split_tasks([task], {task.name: 9}, 1) == [task]  # one worker: whole shards
+    assert split_tasks([task, task], {task.name: 9}, 2) == [task, task]  # as many shards as workers
+    for rows, workers in ((9, 2), (24, 2), (3, 2), (256, 3)):
+        pieces = split_tasks([task], {task.name: rows}, workers)
+        chunks = [i for piece in pieces for i in range(*piece.chunks)]
+        assert chunks == list(range(-(-rows // 4)))  # in order, each chunk of 4 rows exactly once
+        assert len(pieces) == min(len(chunks), PIECES_PER_WORKER * workers)
 
 
 def test_resume_and_invalidation(inputs, tmp_path, monkeypatch):
