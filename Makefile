@@ -8,6 +8,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
+# OpenMP threads sleep instead of spinning while they wait: when another process holds one of the cores (two test
+# workers, a second job), torch's spinning threads stall each other; a ViT pass took 2.7 s instead of 0.17 s on 2
+# busy cores (bench/RESULTS.md §16). Every stage, test and flow started from here inherits it.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test test-fast clean-venv
 
