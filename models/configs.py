@@ -81,8 +81,9 @@ class CrfEnergyConfig:
 
     weight: float = param(0.05, lo=0.0, help="weight of the energy in the total loss; 0 = off (from seg_start_iter, "
                                              "with the seg loss)")
-    normaliser: float = param(1e-7, lo=0.0, help="the energy summed over pixels and classes, per image, times this "
-                                                 "(the reference's constant)")
+    normaliser: float = param(1e-7, lo=0.0, help="the energy (summed over pixel pairs, per image) times this; the "
+                                                 "reference's 1e-7 is for 224x224 pairs (448 px x 0.5): scale it by "
+                                                 "1/N^2 for N other pixels to keep its weight against the seg loss")
     sigma_rgb: float = param(15.0, lo=0.01, hi=255.0, help="bilateral kernel colour std (RGB 0..255)")
     sigma_xy: float = param(100.0, lo=0.01, hi=10000.0, help="bilateral kernel position std in px of the training "
                                                              "crop")
