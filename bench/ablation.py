@@ -1,11 +1,14 @@
 """Ablation table of the seed and refinement methods, on the dataset that ``params.yaml`` points at.
 
-    python bench/ablation.py --out /tmp/ablation            # about 80 min on a 2-core CPU for the embedded default
+    python bench/ablation.py --out /tmp/ablation            # every variant: about 2.5 h on a 2-core CPU (embedded default)
     python bench/ablation.py --out /tmp/ablation --only afa   # one classifier variant (repeat --only for more)
     python bench/ablation.py --out /tmp/ablation --from-dvc   # ToCo's classifier and CAMs from `dvc repro`
     python bench/ablation.py --out /tmp/seed1 --seed 1 --only toco --only afa --chain par+crf  # a seed repeat
 
-Classifier variants (``train_classifier`` overrides; METHODS.md §1-3): ToCo as in ``params.yaml``; the plain
+Classifier variants (``train_classifier`` overrides; METHODS.md §1-3): ToCo as in ``params.yaml``; ToCo with the
+plain or the reference views (``augment``: ``PLAIN_VIEWS``, ``REFERENCE_VIEWS``), each without and with the dense
+CRF energy regulariser (``loss.crf_energy.weight`` 0 / 0.05): ``toco_plain_views``, ``toco_reference_views``,
+``toco_plain_views_energy``, ``toco_reference_views_energy``; the plain
 ViT-CAM baseline (no auxiliary head, no PTC, no CTC, no segmentation head); ``afa`` (affinity head, refined with
 ``random_walk``); ``apc`` (Adaptive-K pooling + patch contrast); ``trt`` (re-attention foreground map, refined with
 ``fg_prior``). For each the script trains the classifier, dumps its CAMs, and refines them with each method chain,
@@ -29,8 +32,21 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# ToCo's views (train_classifier.augment, training/views.py): the reference's pipeline, and the plain one of
+# earlier runs (colour jitter of the crop in the loader, the second view cut from the training crop, nothing else).
+REFERENCE_VIEWS = {"jitter": 0.0, "main_colour": True, "main_flip_p": 0.5, "main_blur_p": 1.0,
+                   "second_view": "original", "local_colour": True, "local_flip_p": 0.5, "local_blur_p": 0.5}
+PLAIN_VIEWS = {"jitter": 0.3, "main_colour": False, "main_flip_p": 0.0, "main_blur_p": 0.0, "second_view": "crop",
+               "local_colour": False, "local_flip_p": 0.0, "local_blur_p": 0.0}
+ENERGY = {"crf_energy": {"weight": 0.05}}  # the reference's dense CRF energy regulariser (models/energy.py)
+NO_ENERGY = {"crf_energy": {"weight": 0.0}}
+
 VARIANTS: dict[str, dict] = {
     "toco": {},
+    "toco_plain_views": {"augment": PLAIN_VIEWS, "loss": NO_ENERGY},
+    "toco_reference_views": {"augment": REFERENCE_VIEWS, "loss": NO_ENERGY},
+    "toco_plain_views_energy": {"augment": PLAIN_VIEWS, "loss": ENERGY},
+    "toco_reference_views_energy": {"augment": REFERENCE_VIEWS, "loss": ENERGY},
     "vit_cam": {"model": {"use_aux": False, "use_ctc": False, "use_seg_head": False}, "loss": {"use_ptc": False}},
     "afa": {"model": {"use_afa": True}},
     "apc": {"model": {"pooling": "akp"}, "loss": {"use_pcl": True}},
@@ -39,6 +55,8 @@ VARIANTS: dict[str, dict] = {
 # A chain is refine.methods, or a dict of refine overrides with its methods (other thresholds, ...).
 CHAINS: dict[str, list[list[str] | dict]] = {
     "toco": [[], ["par"], ["crf"], ["par", "crf"]],
+    **{name: [[], ["par", "crf"]] for name in ("toco_plain_views", "toco_reference_views", "toco_plain_views_energy",
+                                               "toco_reference_views_energy")},
     "vit_cam": [[], ["par", "crf"]],
     "afa": [["par", "crf"], ["random_walk"], ["random_walk", "par", "crf"],
             {"methods": ["random_walk", "par", "crf"],

@@ -3,6 +3,7 @@
     python bench/bench_train_step.py --preset cpu                 # the params.yaml default on this CPU
     python bench/bench_train_step.py --preset paper --device cuda # ViT-B/16 @ 448: fp32 eager vs bf16 fused,
                                                                   # batch 4 and the largest batch that fits
+    python bench/bench_train_step.py --preset cpu --recipe        # plain vs reference views vs + CRF energy
 
 Each row runs full ToCo steps (both global views in one pass, local crops, PTC, CTC, seg loss with PAR, backward,
 AdamW) on random images, after warm-up steps. Ratios are against the first row, measured in the same run.
@@ -42,7 +43,7 @@ def measure(p: ClassifierParams, batch: int, device: torch.device, bf16: bool, f
     torch.manual_seed(0)
     model = build_classifier(toco_config(p, num_classes)).to(device)
     set_fused_attention(model, fused)
-    trainer = ToCoTrainer(model, dataclasses.replace(p.loss, seg_start_iter=0))
+    trainer = ToCoTrainer(model, dataclasses.replace(p.loss, seg_start_iter=0), p.augment)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     s = p.augment.crop_size
     x = torch.randn(batch, 3, s, s, device=device)
@@ -50,6 +51,8 @@ def measure(p: ClassifierParams, batch: int, device: torch.device, bf16: bool, f
     labels = torch.zeros(batch, num_classes, device=device)
     labels[:, 0] = 1
     labels[::2, 5] = 1
+    second = torch.randn_like(x) if p.augment.second_view == "original" else None  # the loader's crop of the original
+    generator = torch.Generator(device=device).manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.type == "cuda") else \
@@ -60,7 +63,7 @@ def measure(p: ClassifierParams, batch: int, device: torch.device, bf16: bool, f
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
         with autocast:
-            losses = trainer(x, valid, labels, step=10**6)
+            losses = trainer(x, valid, labels, 10**6, generator, second)
         losses["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -105,6 +108,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--recipe", action="store_true",
+                        help="rows: plain views, the reference's views, and those with the dense CRF energy")
     args = parser.parse_args()
     device = torch.device(args.device)
     p = load_params(args.params or PRESETS[args.preset]).train_classifier
@@ -112,7 +117,20 @@ def main() -> None:
     p = dataclasses.replace(p, loss=dataclasses.replace(p.loss, cam_scales=(1.0,)),
                             model=dataclasses.replace(p.model, pretrained="none"))
     rows = []
-    if device.type == "cuda":
+    if args.recipe:
+        plain = dict(jitter=0.3, main_colour=False, main_flip_p=0.0, main_blur_p=0.0, second_view="crop",
+                     local_colour=False, local_flip_p=0.0, local_blur_p=0.0)
+        reference = dict(jitter=0.0, main_colour=True, main_flip_p=0.5, main_blur_p=1.0, second_view="original",
+                         local_colour=True, local_flip_p=0.5, local_blur_p=0.5)
+        energy = p.loss.crf_energy
+        for label, views, scale in (("plain views", plain, None), ("reference views", reference, None),
+                                    (f"reference views + energy at scale {energy.scale}", reference, energy.scale),
+                                    ("reference views + energy at scale 0.5", reference, 0.5)):
+            loss = dataclasses.replace(p.loss, crf_energy=dataclasses.replace(
+                energy, weight=0.05 if scale else 0.0, scale=scale or energy.scale))
+            q = dataclasses.replace(p, augment=dataclasses.replace(p.augment, **views), loss=loss)
+            rows.append((label, measure(q, p.optim.batch_size, device, True, True, args.steps, args.warmup)))
+    elif device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 baseline
         for bf16, fused in ((False, False), (True, True)):
             rows.append(("fp32 eager" if not bf16 else "bf16 fused", measure(p, 4, device, bf16, fused,

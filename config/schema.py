@@ -138,6 +138,51 @@ class AugmentConfig:
             raise ValueError("scale_range must be (low, high)")
 
 
+SECOND_VIEW_SOURCES = ("original", "crop")
+
+
+@dataclass(frozen=True)
+class ClassifierAugmentConfig(AugmentConfig):
+    """The classifier's augmentation: the training crop as above (in the loader), then ToCo's views on the training
+    device (training/views.py), batched and drawn from the run's generator. Defaults: the reference's pipeline."""
+
+    colour_p: float = param(0.8, lo=0.0, hi=1.0, help="views: P(colour jitter) of an image (torchvision order: "
+                                                       "random per image)")
+    brightness: float = param(0.4, lo=0.0, hi=1.0, help="views: brightness factor in 1 ± this")
+    contrast: float = param(0.4, lo=0.0, hi=1.0, help="views: contrast factor in 1 ± this")
+    saturation: float = param(0.2, lo=0.0, hi=1.0, help="views: saturation factor in 1 ± this")
+    hue: float = param(0.1, lo=0.0, hi=0.5, help="views: hue shift in ± this fraction of the circle")
+    grayscale_p: float = param(0.2, lo=0.0, hi=1.0, help="views: P(grayscale) of an image (drawn apart from the "
+                                                                     "jitter)")
+    blur_sigma: tuple[float, float] = param((0.1, 2.0), lo=0.01, hi=20.0, help="views: Gaussian blur sigma range "
+                                                                               "in px")
+    main_colour: bool = param(True, help="training crop: colour jitter (colour_p) and grayscale on the device")
+    main_flip_p: float = param(0.5, lo=0.0, hi=1.0, help="training crop: a second flip, its valid mask flipped "
+                                                          "along")
+    main_blur_p: float = param(1.0, lo=0.0, hi=1.0, help="training crop: P(Gaussian blur)")
+    second_view: str = param("original", choices=SECOND_VIEW_SOURCES,
+                             help="CTC's second global view: random-resized crop of the original image | of the "
+                                  "training crop")
+    second_scale: tuple[float, float] = param((0.4, 1.0), lo=0.01, hi=1.0, help="second view: area fraction range")
+    second_ratio: tuple[float, float] = param((0.75, 4 / 3), lo=0.1, hi=10.0, help="second view: aspect ratio "
+                                                                                    "range (w / h)")
+    second_flip_p: float = param(0.5, lo=0.0, hi=1.0, help="second view: P(flip)")
+    second_blur_p: float = param(0.1, lo=0.0, hi=1.0, help="second view: P(Gaussian blur)")
+    second_solarize_p: float = param(0.2, lo=0.0, hi=1.0, help="second view: P(solarize)")
+    local_colour: bool = param(True, help="CTC's local crops: cut from a separately jittered (colour_p) and "
+                                          "grayscaled copy of the training crop")
+    local_flip_p: float = param(0.5, lo=0.0, hi=1.0, help="local crops: P(flip) of an image's crops, after they are "
+                                                           "cut (positions and flags stay aligned)")
+    local_blur_p: float = param(0.5, lo=0.0, hi=1.0, help="local crops: P(Gaussian blur) of the copy")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("blur_sigma", "second_scale", "second_ratio"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name} must be (low, high), got {[lo, hi]}")
+
+
 OPTIMIZERS = ("sgd", "adamw")
 POLY_SPANS = ("after_warmup", "whole")  # training/loop.py lr_factor
 
@@ -192,7 +237,8 @@ class ClassifierParams:
 
     model: ToCoConfig = section(ToCoConfig, "the network (models/configs.py ToCoConfig), built from this whole")
     loss: ToCoLossConfig = section(ToCoLossConfig, "losses and online pseudo labels")
-    augment: AugmentConfig = section(AugmentConfig, "training-crop augmentation")
+    augment: ClassifierAugmentConfig = section(ClassifierAugmentConfig, "training-crop augmentation and ToCo's "
+                                                                        "views")
     optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
     eval_cam_scales: tuple[float, ...] = param((1.0,), lo=0.1, hi=4.0, help="CAM scales of the final metrics "
                                                "(each with its flip)")

@@ -320,7 +320,9 @@ def inference_classifier(classifier_dir: str | Path, device: torch.device) -> tu
     model, classes = load_classifier(classifier_dir, device)
     if device.type == "cpu":
         example = torch.rand(1, 3, FOLD_EXAMPLE_SIDE, FOLD_EXAMPLE_SIDE, generator=torch.Generator().manual_seed(0))
-        fold_batchnorm(model, example, run=lambda module, x: module.encode(x)["tokens"])
+        if fold_batchnorm(model, example, run=lambda module, x: module.encode(x)["tokens"]) < 0:
+            log.warning("%s: folding BatchNorm into convolutions changed the classifier's output; left unfolded",
+                        classifier_dir)
     return model, classes
 
 
@@ -359,7 +361,7 @@ def read_manifest_rows_light(path: Path) -> list[dict[str, Any]]:
 def use_pool(params, env: rt.Runtime, pending: int) -> bool:
     """CAMs in worker processes: on Dask when asked (``runtime``), or on a CPU with ``dump_cams.workers`` > 1 (a
     process per core with one torch thread each dumps ~1.5x the images per CPU-second of one process on all cores,
-    and its BatchNorm-bound stem scales across processes better than across threads: bench/RESULTS.md §12)."""
+    and its BatchNorm-bound stem scales across processes better than across threads: bench/RESULTS.md §15)."""
     if not pending:
         return False
     if shard_map.use_dask(params.runtime):

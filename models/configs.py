@@ -72,6 +72,30 @@ class ParConfig:
     scale: float = param(0.5, lo=0.05, hi=1.0, help="PAR works at this fraction of the input size (ToCo: half)")
 
 
+ENERGY_MODES = ("exact", "window")
+
+
+@dataclass(frozen=True)
+class CrfEnergyConfig:
+    """The dense CRF energy regulariser of the segmentation head (the reference's "rloss", Tang et al. 2018;
+    models/energy.py); the reference's values."""
+
+    weight: float = param(0.05, lo=0.0, help="weight of the energy in the total loss; 0 = off (from seg_start_iter, "
+                                             "with the seg loss)")
+    normaliser: float = param(1e-7, lo=0.0, help="the energy (summed over pixel pairs, per image) times this; the "
+                                                 "reference's 1e-7 is for 224x224 pairs (448 px x 0.5): scale it by "
+                                                 "1/N^2 for N other pixels to keep its weight against the seg loss")
+    sigma_rgb: float = param(15.0, lo=0.01, hi=255.0, help="bilateral kernel colour std (RGB 0..255)")
+    sigma_xy: float = param(100.0, lo=0.01, hi=10000.0, help="bilateral kernel position std in px of the training "
+                                                             "crop")
+    scale: float = param(0.5, lo=0.05, hi=1.0, help="the energy is computed at this fraction of the crop size")
+    mode: str = param("exact", choices=ENERGY_MODES, help="exact: every pixel pair (O(N^2), chunked) | window: "
+                                                          "pairs on a strided local window")
+    window_radius: int = param(24, lo=1, help="window mode: pairs at most this many px apart (rows and columns, at "
+                                              "the energy's resolution)")
+    window_stride: int = param(3, lo=1, help="window mode: every stride-th offset, weighted by stride^2")
+
+
 @dataclass(frozen=True)
 class ToCoConfig:
     """The ToCo network (METHODS.md §1): a timm ViT with CAM classifiers, a seg head and a CTC projection head."""
@@ -156,6 +180,8 @@ class ToCoLossConfig:
     afa_weight: float = param(0.1, lo=0.0, help="weight of the AFA affinity loss (needs model.use_afa)")
     afa_radius: int = param(8, lo=1, help="affinity-loss pairs: tokens within this many rows and columns")
     trt_weight: float = param(1.0, lo=0.0, help="weight of TRT's re-attention classifier loss (needs model.use_trt)")
+    crf_energy: CrfEnergyConfig = section(CrfEnergyConfig, "dense CRF energy regulariser of the seg head's "
+                                                           "softmax (rloss)")
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,12 @@ is left alone. Outputs are checked on the example after folding, and a fold that
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-log = logging.getLogger(__name__)
 
 
 class _AfterNorm(nn.Module):
@@ -101,7 +99,7 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, run=None) -> int:
     input it accepts (any small size), with ``run(module, example)`` the forward to trace when it is not
     ``module(example)``. The output of ``run`` on ``example`` is compared before and after: when folding changed it
     beyond float rounding (a forward that also reads a convolution's output outside a module, which the hooks do
-    not see), everything is put back and 0 is returned, with a warning.
+    not see), everything is put back and the negative count of the pairs found is returned (the caller says so).
     """
     pairs, before = conv_bn_pairs(module, example, run)
     undo = []  # (conv, weight, bias, BatchNorm name, BatchNorm)
@@ -123,7 +121,5 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, run=None) -> int:
                 conv.weight.copy_(weight)
                 conv.bias = bias
                 _set(module, bn_name, bn)
-            log.warning("folding BatchNorm into convolutions changed the output of %s by %.3g: left unfolded",
-                        type(module).__name__, (value - reference).abs().max().item())
-            return 0
+            return -len(undo)
     return len(undo)

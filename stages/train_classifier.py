@@ -98,7 +98,7 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     val_set = EvalImages(RowIndex(val_files), num_classes, p.eval_size) if val_files else None
 
     model = build_classifier(toco_config(p, num_classes)).to(env.device)
-    trainer = ToCoTrainer(model, p.loss)
+    trainer = ToCoTrainer(model, p.loss, p.augment)
     optimizer = make_optimizer(*param_groups(model), p.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, p.optim))
     generator = torch.Generator(device=env.device).manual_seed(params.runtime.seed * 1000 + env.rank)
@@ -119,8 +119,9 @@ def run(params, manifest_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_path:
     model.train()
 
     def losses_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        second = batch["second"].to(env.device) if "second" in batch else None  # augment.second_view: original
         return wrapped(batch["image"].to(env.device), batch["valid"].to(env.device),
-                       batch["labels"].to(env.device), step, generator)
+                       batch["labels"].to(env.device), step, generator, second)
 
     while step < p.optim.iterations:
         started = time.perf_counter()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from config.schema import AugmentConfig, ClassifierParams, ShapesConfig
+from config.schema import ClassifierAugmentConfig, ClassifierParams, ShapesConfig
 from models.configs import ToCoConfig
 from models.toco import ToCo
 from stages import shapes
@@ -23,7 +23,7 @@ from training.classifier_model import config_to_json, toco_config
 TINY_CLASSIFIER = ClassifierParams(  # a 4-block, 32-wide ViT on 8-px patches: builds and runs in milliseconds
     model=ToCoConfig(backbone="vit_tiny_patch16_224", stem="", patch_size=8, embed_dim=32, depth=4, num_heads=2,
                      seg_dim=16, proj_hidden_dim=32, proj_bottleneck_dim=16, proj_out_dim=32),
-    augment=AugmentConfig(crop_size=32))
+    augment=ClassifierAugmentConfig(crop_size=32))
 # What the relabel tests override in params.yaml: small CAMs, one refine process.
 TINY_RELABEL = {
     "runtime": {"num_threads": 1, "num_workers": 1},

@@ -1,7 +1,9 @@
 """Torch datasets over manifest shards: training crops for the classifier, and evaluation images.
 
 Augmentation follows METHODS.md §1 (rescale by U(lo, hi), flip, random crop with padding, colour jitter); pixels
-outside the valid box are marked in ``valid`` so every loss can ignore them. Each sample's randomness comes from
+outside the valid box are marked in ``valid`` so every loss can ignore them. With ``augment.second_view: original``
+a classifier sample also holds CTC's second global view, a random-resized crop of the original image; the rest of
+ToCo's views is made on the training device (training/views.py). Each sample's randomness comes from
 ``np.random.default_rng([seed, epoch, row])``: the result is independent of worker count and order, and a resumed
 run reproduces the interrupted one without saving any RNG state for the data.
 """
@@ -15,12 +17,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from config.schema import AugmentConfig
+from config.schema import AugmentConfig, ClassifierAugmentConfig
 from models.stem import IMAGENET_MEAN, IMAGENET_STD
 from shards.images import decode_mask_png, decode_rgb, resize_long
 from shards.records import IGNORE_INDEX
 from shards.sampling import RowIndex, RowReader
-from training.transforms import augment_pair
+from training.transforms import augment_pair, random_resized_box
 
 
 def multi_hot(tags: list[int] | None, num_classes: int) -> np.ndarray:
@@ -81,7 +83,11 @@ class PairCrops(Dataset):
         rng = np.random.default_rng([self.seed, epoch, number])
         rgb = decode_rgb(row["image"]["bytes"])
         crop, mask = augment_pair(rgb, self.mask(row, rgb), self.cfg, rng)
-        return {"image": to_tensor(crop), **self.sample(row, mask)}  # image (3, S, S)
+        return {"image": to_tensor(crop), **self.sample(row, mask), **self.views(rgb, key)}  # image (3, S, S)
+
+    def views(self, rgb: np.ndarray, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """More views of the decoded image, from their own generator (the crop's draws stay as they are)."""
+        return {}
 
     def mask(self, row: dict[str, Any], rgb: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -95,7 +101,7 @@ class TrainCrops(PairCrops):
 
     columns = ("image", "tags")
 
-    def __init__(self, index: RowIndex, num_classes: int, cfg: AugmentConfig, seed: int):
+    def __init__(self, index: RowIndex, num_classes: int, cfg: AugmentConfig | ClassifierAugmentConfig, seed: int):
         super().__init__(index, cfg, seed)
         self.num_classes = num_classes
 
@@ -105,6 +111,18 @@ class TrainCrops(PairCrops):
     def sample(self, row: dict[str, Any], mask: np.ndarray) -> dict[str, torch.Tensor]:
         return {"valid": torch.from_numpy(np.ascontiguousarray(mask != IGNORE_INDEX)),  # (S, S)
                 "labels": torch.from_numpy(multi_hot(row["tags"], self.num_classes))}  # (K,)
+
+    def views(self, rgb: np.ndarray, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """With ``second_view: original``, CTC's second global view: a random-resized crop of the original image
+        (bicubic, as the reference's ``RandomResizedCrop``), drawn from ``default_rng([seed, epoch, row, 1])``; its
+        flip and photometric parts run on the training device (training/views.py)."""
+        if getattr(self.cfg, "second_view", "crop") != "original":
+            return {}
+        rng = np.random.default_rng([self.seed, *key, 1])
+        top, left, h, w = random_resized_box(*rgb.shape[:2], self.cfg.second_scale, self.cfg.second_ratio, rng)
+        s = self.cfg.crop_size
+        crop = Image.fromarray(np.ascontiguousarray(rgb[top:top + h, left:left + w])).resize((s, s), Image.BICUBIC)
+        return {"second": to_tensor(np.asarray(crop))}  # (3, S, S)
 
 
 class EvalImages(Dataset):

@@ -5,6 +5,13 @@ Passes: the training crop and the second global view go through the encoder as O
 auxiliary CAM that labels PTC tokens and places local crops, and the final CAM behind the online pseudo labels,
 come from that same pass (detached) instead of extra multi-scale passes; other scales run the reference's
 no-grad multi-scale CAM. The EMA teacher projects the student's detached class tokens (shared encoder).
+
+With an augmentation config (``train_classifier.augment``), the views are the reference's (training/views.py): the
+training crop is flipped again (with its valid mask), jittered and blurred on the device; the second global view
+comes from the loader's crop of the original image (``second``); the local crops are cut from a separately
+jittered copy, in the same geometry, and flipped per image afterwards. Without one, the second view is
+``models.ctc.augment_view`` of the training crop and nothing else is augmented here. From ``seg_start_iter`` on, the
+dense CRF energy (models/energy.py) regularises the seg head when ``loss.crf_energy.weight`` > 0.
 """
 
 from __future__ import annotations
@@ -13,22 +20,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config.schema import ClassifierAugmentConfig
 from models.affinity import affinity_loss, affinity_targets
 from models.backbone import patch_stride
 from models.cam import cam_to_size, cams_at_tokens, multiscale_cam, normalise_cams, valid_at_tokens
 from models.configs import ToCoLossConfig
 from models.ctc import ViewAugConfig, augment_view, region_from_labels, sample_local_crops
+from models.energy import crf_energy_loss
 from models.losses import balanced_seg_loss, ctc_loss, multilabel_cls_loss, pcl_loss, ptc_loss
 from models.pseudo import label_ignore_middle, online_pseudo_labels
 from models.toco import ToCo
 from shards.records import IGNORE_INDEX
 from training.data import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from training.views import flip_local_crops, main_view, second_view
 
 
 class ToCoTrainer(nn.Module):
-    def __init__(self, model: ToCo, cfg: ToCoLossConfig):
+    def __init__(self, model: ToCo, cfg: ToCoLossConfig, augment: ClassifierAugmentConfig | None = None):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.augment = model, cfg, augment
 
     def _cam(self, tokens: torch.Tensor, head: str, x: torch.Tensor, labels, valid) -> torch.Tensor:
         """Normalised CAM (B, K, S, S), no gradient: from this pass's tokens, or multi-scale passes."""
@@ -41,13 +51,27 @@ class ToCoTrainer(nn.Module):
             return normalise_cams(cam, labels, valid)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, step: int,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        cfg, model = self.cfg, self.model
+                generator: torch.Generator | None = None, second: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """x (B, 3, S, S) normalised training crops, valid (B, S, S) bool, labels (B, K) multi-hot; ``second``
+        (B, 3, S, S): the loader's crop of the original image (``augment.second_view: original``)."""
+        cfg, model, aug = self.cfg, self.model, self.augment
         net = model.cfg  # the heads that exist decide which losses run
         B = x.shape[0]
+        loaded, local_source = x, x
+        if aug is not None:
+            x, valid, local_source = main_view(x, valid, aug, generator, with_local=net.use_ctc)
         views = x
         if net.use_ctc:
-            second = augment_view(x, ViewAugConfig(), generator=generator, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            if aug is None:
+                second = augment_view(x, ViewAugConfig(), generator=generator, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            elif aug.second_view == "original":
+                if second is None:
+                    raise ValueError("augment.second_view is 'original' but the batch has no 'second' image (the "
+                                     "loader's crop of the original image: training.data.TrainCrops)")
+                second = second_view(second, aug, generator)
+            else:
+                second = second_view(loaded, aug, generator)
             views = torch.cat([x, second], dim=0)  # (2B, 3, S, S): one encoder pass for both global views
         run_seg = net.use_seg_head and step >= cfg.seg_start_iter
         out = model(views, with_seg=run_seg)
@@ -74,8 +98,10 @@ class ToCoTrainer(nn.Module):
             else:  # without the aux head every pixel counts as uncertain
                 pixel_labels = torch.full(valid.shape, IGNORE_INDEX, dtype=torch.long, device=x.device)
             regions = region_from_labels(pixel_labels, ignore_index=IGNORE_INDEX)
-            crops, positive = sample_local_crops(x, regions, cfg.local_crops, cfg.local_crop_size, generator=generator,
-                                                 valid=valid)
+            crops, positive = sample_local_crops(local_source, regions, cfg.local_crops, cfg.local_crop_size,
+                                                 generator=generator, valid=valid)
+            if aug is not None:
+                crops = flip_local_crops(crops, cfg.local_crops, aug, generator)
             local_tokens = model.class_token(crops)  # (B*n, C): the second and last encoder pass
             n = cfg.local_crops
             students = model.project(torch.cat([out["cls_token"], local_tokens], dim=0))
@@ -95,6 +121,8 @@ class ToCoTrainer(nn.Module):
         pseudo = online_pseudo_labels(final_cam, labels, denormalize(x), cfg.thresholds, cfg.par, valid,
                                       ignore_index=IGNORE_INDEX) if (run_seg or run_afa) else None
         losses["seg"] = balanced_seg_loss(out["seg"][:B], pseudo, ignore_index=IGNORE_INDEX) if run_seg else zero
+        losses["energy"] = crf_energy_loss(denormalize(x), out["seg"][:B], pseudo, valid, cfg.crf_energy,
+                                           ignore_index=IGNORE_INDEX) if run_seg and cfg.crf_energy.weight > 0 else zero
         grid = out["tokens"].shape[-2:]
         if run_afa:
             token_pseudo = F.interpolate(pseudo[:, None].float(), size=grid, mode="nearest")[:, 0].long()
@@ -114,5 +142,5 @@ class ToCoTrainer(nn.Module):
         losses["total"] = (losses["cls"] + cfg.aux_weight * losses["aux"] + cfg.ptc_weight * losses["ptc"]
                            + cfg.ctc_weight * losses["ctc"] + cfg.seg_weight * losses["seg"]
                            + cfg.afa_weight * losses["afa"] + cfg.pcl_weight * losses["pcl"]
-                           + cfg.trt_weight * losses["trt"])
+                           + cfg.trt_weight * losses["trt"] + cfg.crf_energy.weight * losses["energy"])
         return losses

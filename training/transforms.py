@@ -6,10 +6,13 @@ pads to at least ``crop_size`` at a random offset (image black, mask ``IGNORE_IN
 random offset: the reference's random crop (METHODS.md §1). Masks are resized nearest (class ids never blend). The
 classifier passes a mask of ones and reads ``valid = mask != IGNORE_INDEX`` (padding is ignored by every loss).
 Random draws come from the caller's ``numpy`` generator in a fixed order, so a crop is a function of the image,
-the params and the generator's seed.
+the params and the generator's seed. ``random_resized_box`` draws the box of the classifier's second global view
+(torchvision's ``RandomResizedCrop`` rule) on the original image.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from PIL import Image
@@ -65,3 +68,25 @@ def augment_pair(rgb: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
     cy = int(rng.integers(0, canvas.shape[0] - s + 1))
     cx = int(rng.integers(0, canvas.shape[1] - s + 1))
     return canvas[cy:cy + s, cx:cx + s], labels[cy:cy + s, cx:cx + s]
+
+
+def random_resized_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of torchvision's ``RandomResizedCrop`` box: area fraction U(scale), log-uniform aspect
+    ratio, 10 tries, else the whole image clipped to the ratio range, centred. For the loader (numpy)."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w

@@ -63,7 +63,7 @@ def test_a_fold_that_would_change_the_output_is_undone():
     net, x = randomised(Net(shared=True)), torch.randn(2, 3, 16, 16)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     reference = net(x)
-    assert fold_batchnorm(net, x) == 0  # the hooks pair conv2 with bn2; the check sees the residual change
+    assert fold_batchnorm(net, x) < 0  # the hooks pair conv2 with bn2; the check sees the residual change: undone
     assert isinstance(net.bn1, nn.BatchNorm2d) and isinstance(net.bn2, nn.BatchNorm2d)
     assert net.conv1.bias is not None and net.conv2.bias is None
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())

@@ -51,7 +51,7 @@ def shapes_classifier(root):
     raw["train_classifier"]["loop"]["eval_every"] = 0
     # A few steps at the default lr on 100 images scramble a from-scratch ViT's tokens, and this test is about the
     # mechanism (statistics recorded at training, scores at the dump, flags in the summary), not about training: the
-    # tiny lr keeps the ViT near its initialisation on top of the pretrained stem (bench/RESULTS.md §12 measures
+    # tiny lr keeps the ViT near its initialisation on top of the pretrained stem (bench/RESULTS.md §16 measures
     # the OOD scores of a classifier trained with the shipped params).
     raw["train_classifier"]["optim"]["lr"] = 1e-7
     raw["refine"]["overlays"] = 0

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from config.schema import AugmentConfig, ClassifierParams, SegmenterParams
+from config.schema import ClassifierAugmentConfig, ClassifierParams, SegmenterParams
 from models.configs import DeepLabConfig, ToCoConfig
 from models.backbone import create_vit
 from models.deeplab import DeepLab
@@ -157,7 +157,7 @@ def test_builders_load_what_the_config_names(tmp_path):
         model=ToCoConfig(backbone="vit_tiny_patch16_224", stem=STEM, stem_weights=str(stem_path), freeze_stem=True,
                          embed_dim=32, depth=3, num_heads=2, seg_dim=16, proj_hidden_dim=32, proj_bottleneck_dim=16,
                          proj_out_dim=32),
-        augment=AugmentConfig(crop_size=64)), 3)
+        augment=ClassifierAugmentConfig(crop_size=64)), 3)
     assert isinstance(build_classifier(toco), ToCo)
     with pytest.raises(ValueError, match="build_classifier"):  # models/ reads no file
         ToCo(toco)
