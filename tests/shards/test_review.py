@@ -87,7 +87,7 @@ def test_worst_rows_reads_the_lowest_confidence_rows_of_the_shards(tmp_path):
     assert total == len(everything) == 10
     assert [r["image_id"] for r in chosen] == worst_first(everything)[:4]
     assert set(chosen[0]) == {"image_id", "split", "image", "mask", "labels", "tag_source", "provenance",
-                              "confidence", "label_score", "ignore_fraction"}  # the bytes of the chosen rows, not the boxes or pixel counts
+                              "confidence", "object_confidence", "label_score", "ignore_fraction"}  # the bytes of the chosen rows, not the boxes or pixel counts
     assert worst_rows(paths, 0) == ([], 10) and len(worst_rows(paths, 99)[0]) == 10
 
 
