@@ -360,8 +360,8 @@ def read_manifest_rows_light(path: Path) -> list[dict[str, Any]]:
 
 def use_pool(params, env: rt.Runtime, pending: int) -> bool:
     """CAMs in worker processes: on Dask when asked (``runtime``), or on a CPU with ``dump_cams.workers`` > 1 (a
-    process per core with one torch thread each dumps ~1.5x the images per CPU-second of one process on all cores,
-    and its BatchNorm-bound stem scales across processes better than across threads: bench/RESULTS.md §15)."""
+    process per core with one torch thread each dumped ~1.5x the images of one process on a loaded machine, but
+    0.66-0.77x on an idle one, where the pool's start-up dominates a small collection: bench/RESULTS.md §15)."""
     if not pending:
         return False
     if shard_map.use_dask(params.runtime):
