@@ -28,7 +28,7 @@ from models.backbone import patch_stride
 from models.cam import multiscale_cam, valid_at_tokens
 from models.fold import fold_batchnorm
 from parallel import shard_map
-from shards.cams import UNKNOWN, cam_schema, decode_cams, encode_affinity, encode_cams
+from shards.cams import UNKNOWN, UNLIKE_TRAINING, cam_schema, decode_cams, encode_affinity, encode_cams
 from shards.fingerprint import classifier_fingerprint, code_version, fingerprint, hash_params, sha256_file
 from shards.images import decode_mask_png, decode_rgb, long_side_size, resize_long
 from shards.io import ShardSet, atomic_write_json
@@ -298,7 +298,7 @@ def ood_counts(paths: list[Path]) -> dict[str, Any]:
     """How many rows of CAM shards have an OOD score, and how many of those are above 1 (unlike the training data)."""
     scores = [v for path in paths if "ood_score" in pq.read_schema(path).names
               for v in pq.read_table(path, columns=["ood_score"]).column("ood_score").to_pylist() if v is not None]
-    return {"ood_scored": len(scores), "unlike_training": sum(v > 1.0 for v in scores),
+    return {"ood_scored": len(scores), "unlike_training": sum(v > UNLIKE_TRAINING for v in scores),
             "median_ood_score": round(float(np.median(scores)), 4) if scores else None}
 
 

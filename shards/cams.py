@@ -33,6 +33,16 @@ from shards.records import IGNORE_INDEX
 
 CAM_DTYPE = np.dtype("<f2")
 UNKNOWN = "unknown"  # the tag source of an untagged row on which no class clears dump_cams.predict_threshold
+UNLIKE_TRAINING = 1.0  # an ood_score above this: unlike the classifier's training images (training/feature_stats.py)
+
+
+def best_scores(all_scores: Sequence[float] | None, class_names: Sequence[str], count: int = 3
+                ) -> list[tuple[str, float]]:
+    """The ``count`` best (class name, score) pairs of a row's ``all_scores`` (classes 1..K; names include
+    background at 0), best first."""
+    scores = list(all_scores or [])
+    order = sorted(range(len(scores)), key=lambda k: -scores[k])[:count]
+    return [(class_names[k + 1], float(scores[k])) for k in order]
 
 CAM_SCHEMA = pa.schema([
     ("image_id", pa.string()),

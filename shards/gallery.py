@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from shards.cams import UNLIKE_TRAINING, best_scores
 from shards.images import decode_mask_png, encode_mask
 from shards.io import read_metadata
 from shards.review import _data_uri, cam_rows, thumbnails, worst_rows
@@ -104,16 +105,15 @@ def gallery_markdown(version_dir: str | Path, limit: int, title: str, facts: Map
             f"{class_names[k]} {scores[k]:.2f}" if k in scores else class_names[k] for k in cam.get("classes") or [])
             or "none")]
         if row["tag_source"] == "unknown" and more.get("all_scores"):
-            best = sorted(range(len(more["all_scores"])), key=lambda k: -more["all_scores"][k])[:3]
-            words.append("no known class; best: " + ", ".join(f"{class_names[k + 1]} {more['all_scores'][k]:.2f}"
-                                                                for k in best))
+            words.append("no known class; best: " + ", ".join(
+                f"{name} {score:.2f}" for name, score in best_scores(more["all_scores"], class_names)))
         words.append(f"mask: {_names(row['labels'], class_names)}")
         words.append(f"label score {row['label_score']:.2f}")
         if row.get("object_confidence") is not None:
             words.append(f"object confidence {row['object_confidence']:.2f}")
         if more.get("ood_score") is not None:
             words.append(f"OOD {more['ood_score']:.2f}" + (" (unlike the training images)"
-                                                           if more["ood_score"] > 1 else ""))
+                                                           if more["ood_score"] > UNLIKE_TRAINING else ""))
         cells = [f"![{image_id}]({t['image']})", f"![CAM]({t['cam']})" if t["cam"] else "–",
                  f"![mask]({t['mask']})"]
         if truth:

@@ -45,7 +45,7 @@ from config.schema import Params, load_params_or_exit
 from labelling import cams as cam_dump
 from labelling import pseudo_labels
 from labelling.ingest import build_manifest
-from shards.cams import UNKNOWN
+from shards.cams import UNKNOWN, UNLIKE_TRAINING, best_scores
 from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, version_name
 from shards.corrections import CORRECTIONS_DIR
 from shards.fingerprint import classifier_fingerprint, hash_params
@@ -118,10 +118,8 @@ def summarize(work: Path, class_names: list[str], no_known_class: str = "ignore"
     for entry in per_class:
         entry["pixel_share"] = round(entry["pixels"] / total_pixels, 4)
 
-    def best(cam: dict[str, Any], count: int = 3) -> list[list[Any]]:
-        scores = cam.get("all_scores") or []
-        order = sorted(range(len(scores)), key=lambda k: -scores[k])[:count]
-        return [[class_names[k + 1], round(scores[k], 4)] for k in order]
+    def best(cam: dict[str, Any]) -> list[list[Any]]:
+        return [[name, round(score, 4)] for name, score in best_scores(cam.get("all_scores"), class_names)]
 
     images = []
     for r in sorted(rows, key=lambda r: (r["label_score"], r["image_id"])):  # the most doubtful first
@@ -135,7 +133,7 @@ def summarize(work: Path, class_names: list[str], no_known_class: str = "ignore"
             "scores": [_rounded(score_of.get(k)) for k in tags], "best_scores": best(cam),
             "object_confidence": _rounded(r.get("object_confidence")), "confidence": round(r["confidence"], 4),
             "ignore_fraction": round(r["ignore_fraction"], 4), "label_score": round(r["label_score"], 4),
-            "ood_score": _rounded(ood), "unlike_training": None if ood is None else ood > 1.0,
+            "ood_score": _rounded(ood), "unlike_training": None if ood is None else ood > UNLIKE_TRAINING,
             "provenance": r["provenance"]})
     kept = {r["image_id"] for r in rows}
     unknown = [{"image_id": i, "best_scores": best(c), "ood_score": _rounded(c.get("ood_score")),
@@ -143,7 +141,7 @@ def summarize(work: Path, class_names: list[str], no_known_class: str = "ignore"
                for i, c in sorted(cams.items()) if c.get("tag_source") == UNKNOWN]
     ood = [c.get("ood_score") for c in cams.values()]
     scored = [v for v in ood if v is not None]
-    unlike = sum(v > 1.0 for v in scored)
+    unlike = sum(v > UNLIKE_TRAINING for v in scored)
     summary = {
         "images": len(rows), "rejects": len(rejects), "dumped": len(cams),
         "predicted": sum(r["tag_source"] == "predicted" for r in rows),
