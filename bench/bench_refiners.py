@@ -3,6 +3,8 @@
     python bench/bench_refiners.py --cams data/cams --manifest data/manifest [--images 200] [--threads 1]
         [--chain par+crf --chain feature_walk+par+crf ...] [--set feature_walk.power=4 ...]
     python bench/bench_refiners.py --harder /tmp/harder --classifier data/classifier [--images 64]
+    python bench/bench_refiners.py --cams data/cams --manifest data/manifest --upscale 2 \
+        --variant max_side=512 --variant max_side=384 --variant "max_side=384 crf.iterations=5"
 
 ``--harder DIR`` first writes the harder shapes variant into DIR (``shapes.backgrounds: [clutter, lines]``,
 ``shapes.clutter: 2``, ``shapes.context_bias: 0.95``, ``--images`` train images), prepares it and dumps its CAMs
@@ -21,6 +23,12 @@ Per chain:
 - ``s/img``: CPU seconds per image of ``refine_chunk`` (the decoded image and CAMs given; shard I/O and PNG encoding,
   which every chain shares, excluded), batches of every chain interleaved so that they share the machine's load;
   ``ratio``: against the first chain.
+``--variant "key=value key=value"`` (repeatable): compare settings instead of chains: each variant is
+``params.yaml``'s ``refine`` (its own chain) with these overrides on top of ``--set``; ``max_side`` may differ
+between variants (each gets the image at its own working size). ``--upscale F``: images and ground truth enlarged
+F times (bicubic / nearest) and the CAM rows' sizes with them, a stand-in for photos larger than the embedded set
+(160-288 px) to check a working resolution against the full one; upsampled images are smoother than real photos,
+so the loss a lower working resolution shows there is a lower bound.
 The ``feature_walk`` backbone is built (and its weights read) before timing starts: a pool worker does that once.
 """
 
@@ -51,8 +59,8 @@ from shards.metrics import ConfusionMatrix  # noqa: E402
 DEFAULT_CHAINS = ("par+crf", "feature_walk+par+crf", "superpixel+par+crf", "feature_walk+superpixel+par+crf")
 
 
-def load_rows(cams_dir: Path, manifest_dir: Path, images: int) -> list[dict]:
-    """``images`` rows, taken evenly from every shard: CAMs, image, ground truth."""
+def load_rows(cams_dir: Path, manifest_dir: Path, images: int, upscale: float = 1.0) -> list[dict]:
+    """``images`` rows, taken evenly from every shard: CAMs, image, ground truth (enlarged ``upscale`` times)."""
     names = sorted(ShardSet(cams_dir).index())
     per_shard = -(-images // len(names))
     rows = []
@@ -62,8 +70,16 @@ def load_rows(cams_dir: Path, manifest_dir: Path, images: int) -> list[dict]:
         for cam, row in list(zip(cams, manifest))[:per_shard]:
             if cam["image_id"] != row["image_id"] or not (row["mask"] or {}).get("bytes"):
                 raise ValueError(f"{name}: row {cam['image_id']} has no ground truth or is not the manifest's")
-            rows.append({**cam, "rgb_bytes": row["image"]["bytes"], "truth": decode_mask_png(row["mask"]["bytes"])})
-    return rows[:images]
+            rgb, truth = decode_rgb(row["image"]["bytes"]), decode_mask_png(row["mask"]["bytes"])
+            if upscale != 1.0:
+                size = (round(cam["width"] * upscale), round(cam["height"] * upscale))
+                rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BICUBIC))
+                truth = np.asarray(Image.fromarray(truth).resize(size, Image.NEAREST))
+                cam = {**cam, "width": size[0], "height": size[1]}
+            rows.append({**cam, "rgb": rgb, "truth": truth})
+            if len(rows) == images:
+                return rows
+    return rows
 
 
 def make_harder(root: Path, classifier: Path, images: int, params, threads: int) -> tuple[Path, Path]:
@@ -110,6 +126,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--chain", action="append", default=None, help="methods joined by + (repeatable)")
     parser.add_argument("--set", action="append", default=[], help="refine overrides, e.g. feature_walk.power=4")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="compare settings: space-separated refine overrides per variant (repeatable)")
+    parser.add_argument("--upscale", type=float, default=1.0, help="enlarge images and ground truth this many times")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
@@ -120,51 +139,62 @@ def main() -> None:
         parser.error("give --cams and --manifest, or --harder and --classifier")
     for assignment in args.set:
         refine = override(refine, assignment)
-    chains = [tuple(c.split("+")) if c else () for c in (args.chain or DEFAULT_CHAINS)]
+    if args.variant:  # label -> refine params
+        runs = {variant: refine for variant in args.variant}
+        for variant in args.variant:
+            for assignment in variant.split():
+                runs[variant] = override(runs[variant], assignment)
+    else:
+        runs = {c: dataclasses.replace(refine, methods=tuple(c.split("+")) if c else ())
+                for c in (args.chain or DEFAULT_CHAINS)}
     names = read_classes(args.manifest)["class_names"]
     num_classes = len(names)
-    rows = load_rows(args.cams, args.manifest, args.images)
+    rows = load_rows(args.cams, args.manifest, args.images, args.upscale)
     device = torch.device("cpu")
-    if any("feature_walk" in c for c in chains):
+    feature_walk = any("feature_walk" in p.methods for p in runs.values())
+    if feature_walk:
         from refinement.features import cached_backbone
         cached_backbone(refine.feature_walk, str(device))  # built once per process, outside the timing
-    pseudo = {c: ConfusionMatrix(num_classes) for c in chains}
-    cams_cm = {c: ConfusionMatrix(num_classes) for c in chains}
-    seconds = dict.fromkeys(chains, 0.0)
+    pseudo = {c: ConfusionMatrix(num_classes) for c in runs}
+    cams_cm = {c: ConfusionMatrix(num_classes) for c in runs}
+    seconds = dict.fromkeys(runs, 0.0)
     feature_seconds, feature_bytes = 0.0, 0
     for start in range(0, len(rows), refine.batch_size):
         batch = rows[start: start + refine.batch_size]
-        work = [long_side_size(r["height"], r["width"], min(refine.max_side, max(r["height"], r["width"])))
-                for r in batch]
-        rgbs = [np.array(resize_long(decode_rgb(r["rgb_bytes"]), max(s))) for r, s in zip(batch, work)]
         cams = [decode_cams(r) for r in batch]
         classes = [r["classes"] for r in batch]
-        if any("feature_walk" in c for c in chains):  # the backbone pass alone, and what storing it would take
-            from refinement.features import token_features
+        for run, p in runs.items():
+            work = [long_side_size(r["height"], r["width"], min(p.max_side, max(r["height"], r["width"])))
+                    for r in batch]
+            rgbs = [np.array(resize_long(r["rgb"], max(s))) for r, s in zip(batch, work)]
+            if feature_walk and run == next(iter(runs)):  # the backbone pass alone, and what storing it would take
+                from refinement.features import token_features
+                started = time.perf_counter()
+                features = token_features(rgbs, refine.feature_walk, device)
+                feature_seconds += time.perf_counter() - started
+                feature_bytes += sum(2 * f.numel() for f in features)  # as fp16
+            chain = p.methods
             started = time.perf_counter()
-            features = token_features(rgbs, refine.feature_walk, device)
-            feature_seconds += time.perf_counter() - started
-            feature_bytes += sum(2 * f.numel() for f in features)  # as fp16
-        for chain in chains:
-            p = dataclasses.replace(refine, methods=chain)
-            started = time.perf_counter()
-            results = refine_chunk(rgbs, cams, classes, p, device)
-            seconds[chain] += time.perf_counter() - started
-            plain = dataclasses.replace(refine, methods=tuple(leading_cam_methods(list(chain))), ignore_band=False)
-            for target, outputs in ((pseudo[chain], results), (cams_cm[chain], refine_chunk(rgbs, cams, classes,
-                                                                                              plain, device))):
+            out_sizes = [(r["height"], r["width"]) for r in batch]
+            results = refine_chunk(rgbs, cams, classes, p, device, out_sizes=out_sizes)
+            seconds[run] += time.perf_counter() - started
+            plain = dataclasses.replace(p, methods=tuple(leading_cam_methods(list(chain))), ignore_band=False)
+            for target, outputs in ((pseudo[run], results), (cams_cm[run], refine_chunk(rgbs, cams, classes, plain,
+                                                                                          device, out_sizes=out_sizes))):
                 for r, (mask, *_) in zip(batch, outputs):
                     if mask.shape != r["truth"].shape:
                         mask = np.asarray(Image.fromarray(mask).resize((r["width"], r["height"]), Image.NEAREST))
                     target.update(r["truth"], mask)
         print(f"{min(start + refine.batch_size, len(rows))}/{len(rows)} images", file=sys.stderr, flush=True)
-    base = seconds[chains[0]] / len(rows)
-    print(f"\n{len(rows)} images of {args.cams}, {args.threads} thread(s), overrides {args.set or 'none'}\n")
-    print("| chain | CAM mIoU | pseudo mIoU | coverage | precision | recall | s/img | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for chain in chains:
-        summary, per_img = pseudo[chain].summary(names), seconds[chain] / len(rows)
-        print(f"| [{', '.join(chain)}] | {cams_cm[chain].summary(names)['miou']:.1f} | {summary['miou']:.1f} | "
+    base = seconds[next(iter(runs))] / len(rows)
+    print(f"\n{len(rows)} images of {args.cams}, {args.threads} thread(s), overrides {args.set or 'none'}, "
+          f"upscale {args.upscale:g}\n")
+    print(f"| {'variant' if args.variant else 'chain'} | CAM mIoU | pseudo mIoU | coverage | precision | recall | "
+          "s/img | ratio |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for run, p in runs.items():
+        summary, per_img = pseudo[run].summary(names), seconds[run] / len(rows)
+        label = f"`{run}`" if args.variant else f"[{', '.join(p.methods)}]"
+        print(f"| {label} | {cams_cm[run].summary(names)['miou']:.1f} | {summary['miou']:.1f} | "
               f"{summary['coverage']:.3f} | {summary['precision']:.1f} | {summary['recall']:.1f} | {per_img:.3f} | "
               f"{per_img / base:.2f}x |")
     if feature_bytes:

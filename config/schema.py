@@ -362,7 +362,10 @@ class RefineParams:
     ignore_band: bool = param(True, help="two runs (background plane at high and at low) with a 255 band; "
                                          "false: one run at bkg")
     thresholds: ThresholdConfig = section(ThresholdConfig, "background planes of the runs (ToCo's two thresholds)")
-    max_side: int = param(512, lo=16, hi=8192, help="cap on the working resolution's long side")
+    max_side: int = param(256, lo=16, hi=8192, help="long side of the working resolution: larger images are refined "
+                                                     "at this size (the refiners' px parameters act at it) and their "
+                                                     "masks made from the probabilities upsampled; smaller ones at "
+                                                     "their own size")
     batch_size: int = param(8, lo=1, help="images per PAR batch")
     par: ParConfig = section(ParConfig, "pixel-adaptive refinement (method par)")
     crf: CrfConfig = section(CrfConfig, "dense CRF (method crf)")

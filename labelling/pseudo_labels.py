@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from config.loader import to_dict
@@ -93,17 +92,15 @@ def refine_rows(task: ShardTask) -> dict[str, Any]:
             extras = [{"fg": decode_fg(cams[i]), "affinity": decode_affinity(cams[i])} for i in known]
             results = dict(zip(known, refine_chunk(rgbs, [decode_cams(cams[i]) for i in known],
                                                    [cams[i]["classes"] for i in known], p, torch.device(task.device),
-                                                   extras)))
+                                                   extras, [(cams[i]["height"], cams[i]["width"]) for i in known])))
         for i in chunk:
             if i in unknown:
                 if p.no_known_class == "exclude":
                     excluded.append(i)
                     continue
                 results[i] = (np.full((cams[i]["height"], cams[i]["width"]), IGNORE_INDEX, np.uint8), 0.0, None)
-            mask, confidence, object_confidence = results[i]
+            mask, confidence, object_confidence = results[i]  # at the image's size (refine_chunk's out_sizes)
             row, height, width = cams[i], cams[i]["height"], cams[i]["width"]
-            if mask.shape != (height, width):
-                mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
             provenance = "pseudo"
             if row["image_id"] in task.corrected:  # a human's mask wins over the pseudo label
                 mask, confidence, provenance = load_correction(task.corrections_dir, row["image_id"]), 1.0, "corrected"

@@ -33,9 +33,11 @@ runs combine as ToCo's: the high run's class; where it says background, 255; whe
   own peaks, as WeCLIP renormalises them); the chain then goes on as if it started at the next method (ToCo's
   order when that is ``par``). Later in the chain they act on the probabilities of both runs, which stay
   normalised.
-Masks come back to the original size by nearest-neighbour. ``confidence`` = mean over non-ignored pixels of the
-maximum probability of the deciding stack (the high run; the only run without the band); the object confidence the same
-mean over the pixels labelled with a class only.
+Masks come back to the original size (``out_sizes``) from the refined probabilities: each run's stack is upsampled
+(bilinear, in bands of rows) and the rule above applied at that size, so a mask of a photo larger than the working
+size has smooth boundaries, not the working size's pixels enlarged. ``confidence`` = mean over non-ignored pixels of
+the maximum probability of the deciding stack (the high run; the only run without the band); the object confidence
+the same mean over the pixels labelled with a class only.
 """
 
 from __future__ import annotations
@@ -149,10 +151,12 @@ def refine_cam_maps(cam_t: torch.Tensor, rgbs: list[np.ndarray], sizes: list[tup
 
 
 def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[list[int]], p: RefineParams,
-                 device: torch.device, extras: list[dict] | None = None) -> list[tuple[np.ndarray, float, float | None]]:
-    """(mask (h, w) uint8, confidence, object confidence) per image at working size; rgbs are (h, w, 3) uint8 at
-    working size. The object confidence is the deciding probability's mean over the pixels labelled with a class
-    (None without any): unlike ``confidence``, not dominated by the background.
+                 device: torch.device, extras: list[dict] | None = None,
+                 out_sizes: list[tuple[int, int]] | None = None) -> list[tuple[np.ndarray, float, float | None]]:
+    """(mask uint8, confidence, object confidence) per image; rgbs are (h, w, 3) uint8 at working size. Masks are
+    (H, W) of ``out_sizes`` (the images' original sizes; default: the working size), made from the probabilities
+    upsampled to that size. The object confidence is the deciding probability's mean over the pixels labelled with
+    a class (None without any): unlike ``confidence``, not dominated by the background.
 
     ``extras``: per image {"fg": (ch, cw) array or None, "affinity": ((N, N) array, grid) or None}, the seed
     method columns that ``fg_prior`` and ``random_walk`` read.
@@ -219,17 +223,43 @@ def refine_chunk(rgbs: list[np.ndarray], cams: list[np.ndarray], classes: list[l
     if stacks.shape[-2:] != (height, width):
         stacks = F.interpolate(stacks, size=(height, width), mode="bilinear", align_corners=False)
     runs = stacks.view(batch, len(backgrounds), slots + 1, height, width).cpu()
-    labels = [slot_to_label.gather(1, r.argmax(dim=1).view(batch, -1)).view(batch, height, width)
-              for r in runs.unbind(1)]  # (B, H, W) per run
-    out = labels[0]
-    if p.ignore_band:
-        out = torch.where(labels[0] == 0, torch.where(labels[1] == 0, 0, IGNORE_INDEX), labels[0])
-    top = runs[:, 0].amax(dim=1)  # (B, H, W): max probability of the deciding stack
     results = []
     for b, (h, w) in enumerate(sizes):
-        mask = out[b, :h, :w].numpy().astype(np.uint8)
-        top_b = top[b, :h, :w].numpy()
-        kept, objects = top_b[mask != IGNORE_INDEX], top_b[(mask != IGNORE_INDEX) & (mask != 0)]
+        size = tuple(out_sizes[b]) if out_sizes is not None else (h, w)
+        mask, top = labels_at(runs[b, :, :, :h, :w], slot_to_label[b], size, p.ignore_band)
+        kept, objects = top[mask != IGNORE_INDEX], top[(mask != IGNORE_INDEX) & (mask != 0)]
         results.append((mask, float(kept.mean()) if kept.size else 0.0,
                         float(objects.mean()) if objects.size else None))
     return results
+
+
+BAND_VALUES = 1 << 22  # values of one band of upsampled probabilities (16 MB of float32): bounds a huge photo's memory
+
+
+def labels_at(runs: torch.Tensor, slot_to_label: torch.Tensor, size: tuple[int, int], ignore_band: bool
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One image's runs (R, P+1, h, w) -> (mask (H, W) uint8, top (H, W) float32) at ``size``: the probabilities
+    upsampled bilinearly (as ``F.interpolate``, align_corners=False) a band of output rows at a time, the rule of
+    the module docstring applied to them, and the deciding run's maximum probability."""
+    n_runs, planes, h, w = runs.shape
+    height, width = size
+    mask, top = np.empty((height, width), np.uint8), np.empty((height, width), np.float32)
+    flat = runs.reshape(1, n_runs * planes, h, w)
+    xs = ((torch.arange(width) + 0.5) * (w / width) - 0.5) * (2.0 / w) + (1.0 / w) - 1.0  # normalised, as grid_sample
+    band = max(1, BAND_VALUES // max(1, n_runs * planes * width))
+    for start in range(0, height, band):
+        stop = min(height, start + band)
+        if (height, width) == (h, w):
+            part = flat[:, :, start:stop]
+        else:
+            ys = ((torch.arange(start, stop) + 0.5) * (h / height) - 0.5) * (2.0 / h) + (1.0 / h) - 1.0
+            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None]  # (1, rows, W, 2): x, y
+            part = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        part = part.view(n_runs, planes, stop - start, width)
+        labels = [slot_to_label[r.argmax(dim=0)] for r in part]  # (rows, W) per run
+        out = labels[0]
+        if ignore_band:
+            out = torch.where(labels[0] == 0, torch.where(labels[1] == 0, 0, IGNORE_INDEX), labels[0])
+        mask[start:stop] = out.numpy().astype(np.uint8)
+        top[start:stop] = part[0].amax(dim=0).numpy()
+    return mask, top
