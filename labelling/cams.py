@@ -73,10 +73,10 @@ class _SlotCams:
             enc = self.model.encode(x)
             maps = self.model.head_maps(enc, heads)
             if x.shape == self.scale1 and self.affinity is None:
-                self.affinity = scale1_affinity(enc, x.shape[0] // 2)
+                self.affinity = scale1_affinity(enc, self.index.shape[0])
         if relu:
             maps = tuple(F.relu(m) for m in maps)
-        index = torch.cat([self.index, self.index])  # (2B, P)
+        index = self.index.repeat(x.shape[0] // self.index.shape[0], 1)  # (2B, P) with the flip, else (B, P)
         return tuple(m if name == "fg" else m.gather(1, index[:, :, None, None].expand(-1, -1, *m.shape[-2:]))
                      for name, m in zip(heads, maps))
 
@@ -88,15 +88,17 @@ def scale1_affinity(enc: dict[str, Any], batch: int) -> torch.Tensor | None:
 
 
 def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tensor, heads: tuple[str, ...] = (),
+                 flip: bool = True,
                  ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None, torch.Tensor]:
     """Sigmoid scores (B, K) from the classifier's pooling (``ToCo.pooled_logits``) over the image's tokens only,
     and the mean final-token features (B, C) (the OOD score's input, training/feature_stats.py).
 
-    With ``heads`` the pass runs on [images, flipped images], which is scale 1 of the multi-scale CAM, and also
+    With ``heads`` the pass runs on [images, flipped images] (``flip``; else the images), which is scale 1 of the
+    multi-scale CAM, and also
     returns that pass's raw maps per head (full K), each (2B, ., h, w), and its AFA affinity, for ``_SlotCams``.
     """
     B = images.shape[0]
-    enc = model.encode(torch.cat([images, images.flip(-1)]) if heads else images)
+    enc = model.encode(torch.cat([images, images.flip(-1)]) if heads and flip else images)
     tokens = enc["tokens"][:B].float()  # (B, C, h, w)
     inside = valid_at_tokens(valid, tokens.shape[-2:])  # (B, h, w)
     scores = model.pooled_logits(tokens, "final", inside).float().sigmoid()  # (B, K)
@@ -172,7 +174,7 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     reuse = reuses_scale1(p)
     with env.autocast(p.bf16):
         if reuse:
-            scores, first, features = class_scores(model, images, valid, heads)
+            scores, first, features = class_scores(model, images, valid, heads, p.flip)
         else:
             scores, first, features = class_scores(model, *predict_view(images, valid, p))
     scores = scores.cpu().numpy()  # (B, K)
@@ -185,11 +187,12 @@ def cams_for_batch(model: torch.nn.Module, rows: list[dict[str, Any]], p: DumpCa
     for b, (classes, _) in enumerate(chosen):
         class_index[b, : len(classes)] = torch.tensor(classes, dtype=torch.long) - 1
         slot_valid[b, : len(classes)] = 1.0
-    slot_cams = _SlotCams(model, class_index.to(env.device), torch.Size((2 * len(rows), *images.shape[1:])),
+    passes = 2 if p.flip else 1  # images per image in one scale's batch
+    slot_cams = _SlotCams(model, class_index.to(env.device), torch.Size((passes * len(rows), *images.shape[1:])),
                           first if reuse else None)
     with env.autocast(p.bf16):
         maps = multiscale_cam(slot_cams, images, p.scales, head=heads, labels=slot_valid.to(env.device),
-                              valid=valid)  # each (B, P, Hp, Wp); fg (B, 1, Hp, Wp)
+                              valid=valid, flip=p.flip)  # each (B, P, Hp, Wp); fg (B, 1, Hp, Wp)
         affinity = slot_cams.affinity
         if affinity is None and getattr(model, "affinity_head", None) is not None:  # scale 1 not among scales
             affinity = scale1_affinity(model.encode(images), len(rows))

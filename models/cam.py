@@ -1,7 +1,8 @@
 """Multi-scale, flip-fused class activation maps (METHODS.md §1, "Multi-scale CAM").
 
-Per scale the image and its horizontal flip go through the network as one batch of 2B; each map is resized
-to the input size (bilinear), fused as max(original, un-flipped flip), ReLU'd, and summed over scales; then
+Per scale the image and its horizontal flip go through the network as one batch of 2B (``flip=False``: the image
+alone); each map is resized to the input size (bilinear), fused as max(original, un-flipped flip), ReLU'd, and summed
+over scales; then
 every image and class is min-max normalised to [0, 1] and classes absent from the image's tags are zeroed.
 The fusion is flip-equivariant by construction: the CAM of a flipped image is the flipped CAM.
 """
@@ -89,8 +90,11 @@ def multiscale_cam(
     labels: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
     eps: float = 1e-5,
+    flip: bool = True,
 ):
     """Normalised multi-scale + flip CAMs at the input resolution, (B, K, H, W) float32.
+
+    ``flip=False``: each scale runs on the images alone (half the passes), no mirrored pass and no fusion.
 
     ``model``: a ToCo (its ``cams(x, head, relu=False)`` is used; ``head`` may be a tuple such as
     ("aux", "final") to get several maps from one encoder pass per scale, returned as a tuple) or any
@@ -105,10 +109,11 @@ def multiscale_cam(
             x = images
         else:
             x = F.interpolate(images, size=(int(H * scale), int(W * scale)), mode="bilinear", align_corners=False)
-        x = torch.cat([x, x.flip(-1)], dim=0)  # (2B, 3, h, w): one pass for both orientations
+        if flip:
+            x = torch.cat([x, x.flip(-1)], dim=0)  # (2B, 3, h, w): one pass for both orientations
         for i, cam in enumerate(_raw_cams(model, x, heads)):
-            cam = cam_to_size(cam.float(), x.shape[-2:], (H, W), _stride(model))  # (2B, K, H, W)
-            cam = F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)))  # (B, K, H, W)
+            cam = cam_to_size(cam.float(), x.shape[-2:], (H, W), _stride(model))  # (2B or B, K, H, W)
+            cam = F.relu(torch.maximum(cam[:B], cam[B:].flip(-1)) if flip else cam)  # (B, K, H, W)
             totals[i] = cam if totals[i] is None else totals[i] + cam
     # TRT's class-agnostic "fg" map has one plane, not one per class: normalised without the tags
     out = tuple(normalise_cams(total, None if name == "fg" else labels, valid, eps)

@@ -64,6 +64,12 @@ def test_matches_reference_recipe_for_a_plain_callable():
         low = total.amin((-2, -1), keepdim=True)
         expected = (total - low) / (total.amax((-2, -1), keepdim=True) - low + 1e-5)
     torch.testing.assert_close(cams, expected)
+    with torch.no_grad():  # flip=False: the per-scale ReLU sum of the images alone
+        total = sum(up(conv(torch.nn.functional.interpolate(images, scale_factor=s, mode="bilinear")
+                            if s != 1 else images)).relu() for s in (1.0, 0.5))
+        low = total.amin((-2, -1), keepdim=True)
+        torch.testing.assert_close(multiscale_cam(conv, images, (1.0, 0.5), flip=False),
+                                   (total - low) / (total.amax((-2, -1), keepdim=True) - low + 1e-5))
     with pytest.raises(ValueError, match="one head"):
         multiscale_cam(conv, images, head=("aux", "final"))
 

@@ -280,6 +280,26 @@ def test_tag_scores_at_image_size_reuse_the_first_cam_pass_without_changing_cams
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
 
 
+def test_without_the_flip_the_reuse_shortcut_holds_and_the_cams_are_the_images_own(dumped, tmp_path):
+    """flip: false runs each scale once; the scale-1 pass that gave the scores still doubles as the CAMs' first."""
+    root, manifest, classifier, _ = dumped
+    shared = dump_cams.run(make_params(predict_size=0, flip=False), manifest, classifier, tmp_path / "a",
+                           progress=False)
+    separate = dump_cams.run(make_params(predict_size=128, scales=(0.5, 1.0), flip=False), manifest, classifier,
+                             tmp_path / "b", progress=False)
+    flipped = all_rows(root / "cams")  # the module's dump: flip on
+    assert shared["images"] == separate["images"] == 12
+    differs = 0
+    for a, b, c in zip(all_rows(tmp_path / "a"), all_rows(tmp_path / "b"), flipped):
+        assert a["image_id"] == c["image_id"] and a["classes"] == b["classes"]
+        cam_a = decode_cams(a)
+        torch.testing.assert_close(torch.from_numpy(cam_a), torch.from_numpy(decode_cams(b)), atol=2e-3, rtol=0)
+        assert cam_a.size == 0 or (cam_a.min() >= 0 and cam_a.max() <= 1)
+        if a["classes"] == c["classes"] and len(a["classes"]):
+            differs += int(np.abs(cam_a.astype(np.float32) - decode_cams(c).astype(np.float32)).max() > 1e-2)
+    assert differs > 0  # the mirrored pass is really gone
+
+
 def test_eval_split_outside_splits_is_refused():
     with pytest.raises(ValueError, match="eval_split"):
         DumpCamsParams(splits=("train",), eval_split="val").validate()
