@@ -93,9 +93,9 @@ def class_scores(model: torch.nn.Module, images: torch.Tensor, valid: torch.Tens
     """Sigmoid scores (B, K) from the classifier's pooling (``ToCo.pooled_logits``) over the image's tokens only,
     and the mean final-token features (B, C) (the OOD score's input, training/feature_stats.py).
 
-    With ``heads`` the pass runs on [images, flipped images] (``flip``; else the images), which is scale 1 of the
-    multi-scale CAM, and also
-    returns that pass's raw maps per head (full K), each (2B, ., h, w), and its AFA affinity, for ``_SlotCams``.
+    With ``heads`` the pass runs on [images, flipped images] (the images alone without ``flip``), which is scale 1
+    of the multi-scale CAM, and also returns that pass's raw maps per head (full K), each (2B or B, ., h, w), and
+    its AFA affinity, for ``_SlotCams``.
     """
     B = images.shape[0]
     enc = model.encode(torch.cat([images, images.flip(-1)]) if heads and flip else images)

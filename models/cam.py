@@ -4,7 +4,7 @@ Per scale the image and its horizontal flip go through the network as one batch 
 alone); each map is resized to the input size (bilinear), fused as max(original, un-flipped flip), ReLU'd, and summed
 over scales; then
 every image and class is min-max normalised to [0, 1] and classes absent from the image's tags are zeroed.
-The fusion is flip-equivariant by construction: the CAM of a flipped image is the flipped CAM.
+With the flip the fusion is flip-equivariant by construction: the CAM of a flipped image is the flipped CAM.
 """
 
 from __future__ import annotations
