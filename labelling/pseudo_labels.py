@@ -38,6 +38,7 @@ from shards.pseudo_labels import label_score, mask_stats, pseudo_label_metrics, 
 log = logging.getLogger("refine")
 REPORT_ONLY = ("eval_splits", "overlays")  # decide metrics and plots, not shard bytes: not in the fingerprint
 PIECES_PER_WORKER = 2  # pieces of a split shard per worker (split_tasks): balance against re-reading the shard
+REFINE_TARGET = "labelling.pseudo_labels:refine_rows"  # the pool target of pieces of shards (run_tasks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +201,7 @@ def run_tasks(tasks: list[ShardTask], bar: tqdm, runtime, rows: dict[str, int]) 
         return
     waiting = {task.name: sum(piece.name == task.name for piece in pieces) for task in tasks}
     parts: dict[str, list[dict[str, Any]]] = {task.name: [] for task in tasks}
-    for i, part in shard_map.map_tasks("labelling.pseudo_labels:refine_rows", pieces, runtime):
+    for i, part in shard_map.map_tasks(REFINE_TARGET, pieces, runtime):
         name = pieces[i].name
         parts[name].append(part)
         bar.update(len(part["rows"]))

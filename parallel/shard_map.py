@@ -123,6 +123,34 @@ def dask_client(runtime: Any) -> Iterator[Any]:
         yield client
 
 
+def _forkserver(target: str) -> Any:
+    """The forkserver context, its server set to preload ``target``'s module (if it is not running yet).
+
+    The server imports torch once and workers fork from it. It must die with this process: each worker holds the
+    server's "parent alive" pipe open (Python passes it to every child), so the server never sees the stage's death
+    by itself, and the workers (PR_SET_PDEATHSIG) die only with the server: parallel/forkserver_guard.py."""
+    context = multiprocessing.get_context("forkserver")
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
+    context.set_forkserver_preload(["parallel.forkserver_guard", target.partition(":")[0]])
+    return context
+
+
+def will_pool(tasks: int, runtime: Any, workers: int | None = None) -> bool:
+    """Whether :func:`map_tasks` would start the process pool for ``tasks`` tasks."""
+    workers = runtime.num_workers if workers is None else workers
+    return workers > 1 and tasks > 1 and not use_dask(runtime)
+
+
+def prestart(target: str) -> None:
+    """Start the pool's forkserver now, without waiting for it: it imports ``target``'s module (torch and the rest,
+    seconds of start-up) while this process does other work, and the next :func:`map_tasks` pool forks its workers
+    at once. Call it only where a pool will follow (:func:`will_pool`): the server costs a core while it imports."""
+    _forkserver(target)
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
 def map_tasks(target: str, tasks: Sequence[Any], runtime: Any, *, workers: int | None = None,
               init: str | None = None, init_args: tuple = ()) -> Iterator[tuple[int, Any]]:
     """``(task index, result)`` of ``target(task)`` over ``tasks``, in completion order.
@@ -135,7 +163,7 @@ def map_tasks(target: str, tasks: Sequence[Any], runtime: Any, *, workers: int |
     if len(tasks) > 1 and use_dask(runtime):
         yield from _map_dask(target, tasks, runtime, init, init_args)
         return
-    if workers <= 1 or len(tasks) <= 1:
+    if not will_pool(len(tasks), runtime, workers):
         if init:
             resolve(init)(*init_args)
         function = resolve(target)
@@ -143,12 +171,7 @@ def map_tasks(target: str, tasks: Sequence[Any], runtime: Any, *, workers: int |
             yield i, function(task)
         return
     threads = worker_threads(runtime, workers)
-    context = multiprocessing.get_context("forkserver")
-    # The server imports torch once and workers fork from it. It must die with this process: each worker holds the
-    # server's "parent alive" pipe open (Python passes it to every child), so the server never sees the stage's
-    # death by itself, and the workers (PR_SET_PDEATHSIG) die only with the server: parallel/forkserver_guard.py.
-    os.environ[PARENT_PID_ENV] = str(os.getpid())
-    context.set_forkserver_preload(["parallel.forkserver_guard", target.partition(":")[0]])
+    context = _forkserver(target)
     function = resolve(target)
     with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_setup_worker,
                                 initargs=(target.partition(":")[0], threads, init, init_args)) as pool:

@@ -45,6 +45,7 @@ from config.schema import Params, load_params_or_exit
 from labelling import cams as cam_dump
 from labelling import pseudo_labels
 from labelling.ingest import build_manifest
+from parallel import shard_map
 from shards.cams import UNKNOWN, UNLIKE_TRAINING, best_scores
 from shards.collections import CURRENT_FILE, SUMMARY_FILE, check_name, version_name
 from shards.corrections import CORRECTIONS_DIR
@@ -243,6 +244,10 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
     tick = time.perf_counter()
     prepared = build_manifest(cfg.prepare, work / "manifest", progress=progress)
     timings["prepare"] = round(time.perf_counter() - tick, 2)
+    images = sum(prepared["images"].values())
+    if cfg.dump_cams.workers <= 1 and images > cfg.refine.batch_size and shard_map.will_pool(2, cfg.runtime):
+        # refine will fork a pool (pieces of whole PAR chunks): its server imports torch during the dump
+        shard_map.prestart(pseudo_labels.REFINE_TARGET)
     tick = time.perf_counter()
     cams = cam_dump.dump_cams(cfg, work / "manifest", classifier_dir, work / "cams", None, progress=progress)
     timings["dump_cams"] = round(time.perf_counter() - tick, 2)
