@@ -2,6 +2,7 @@
 
     python bench/bench_relabel.py [--sizes 320x240 500x375] [--images 24] [--classifier data/classifier]
                                   [--baseline REV] [--repeats 1] [--embedded-rows 0]
+                                  [--variant "dump_cams.flip=false ..."]
 
 Photos: the real photographs that scikit-image ships (``skimage.data``: astronaut, chelsea, coffee, rocket, the two
 views of the stereo motorcycle, the Hubble deep field, immunohistochemistry), cropped (each round a tighter, shifted
@@ -22,6 +23,9 @@ whose label agrees (the photos have no ground truth).
 ``--embedded-rows N``: quality on the embedded dataset as well: the first N train rows of ``--manifest`` (default
 ``data/manifest``), dumped and refined by each variant with its default params (train split, ``--classifier``):
 CAM mIoU and pseudo-label mIoU / coverage against the ground truth, and the time of each part.
+
+``--variant "section.key=value ..."`` (repeatable): one more "after" variant each, this checkout with those params
+changed (e.g. ``dump_cams.flip=false``), compared with the baseline like "after".
 
 ``--classifier``: a trained classifier folder (``data/classifier`` after ``make demo``); without one, a
 random-weight classifier of the CPU preset's architecture (times as a trained one; its predicted tags are noise).
@@ -127,7 +131,8 @@ def child(args: argparse.Namespace) -> None:
     from config.schema import load_params
 
     logging.basicConfig(level=logging.WARNING)
-    params = load_params(args.code / "params.yaml")
+    params = with_overrides(args.code / "params.yaml", args.overrides) if args.overrides else \
+        load_params(args.code / "params.yaml")
     imported = time.time() - started
     if args.embedded:
         import dataclasses
@@ -156,9 +161,32 @@ def child(args: argparse.Namespace) -> None:
     print("BENCH " + json.dumps(result))
 
 
-def run_variant(code: Path, images: Path, classifier: Path, out: Path, embedded: bool = False) -> dict:
+def with_overrides(path: Path, overrides: str):
+    """The params of ``path`` with ``"section.key=value ..."`` applied (values parsed as YAML), checked by the
+    schema."""
+    import yaml
+
+    from config.loader import build, read_yaml
+    from config.schema import Params
+
+    data = read_yaml(path)
+    for item in overrides.split():
+        key, sep, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        if not sep or leaf not in node:
+            raise SystemExit(f"--variant {item!r}: expected section.key=value with a key of params.yaml")
+        node[leaf] = yaml.safe_load(value)
+    return build(Params, data)
+
+
+def run_variant(code: Path, images: Path, classifier: Path, out: Path, embedded: bool = False,
+                overrides: str = "") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--code", str(code), "--photos", str(images),
-           "--classifier", str(classifier), "--out", str(out)] + (["--embedded"] if embedded else [])
+           "--classifier", str(classifier), "--out", str(out), "--overrides", overrides] + \
+        (["--embedded"] if embedded else [])
     env = {**os.environ, "BENCH_STARTED": repr(time.time()), "PYTHONPATH": str(code)}
     done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -207,6 +235,9 @@ def main() -> None:
     parser.add_argument("--embedded-rows", type=int, default=0, help="also dump + refine this many embedded train "
                                                                      "rows per variant (quality and time)")
     parser.add_argument("--manifest", type=Path, default=ROOT / "data" / "manifest")
+    parser.add_argument("--variant", action="append", default=[],
+                        help='another "after" variant: this checkout with "section.key=value ..." changed')
+    parser.add_argument("--overrides", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", type=Path, help=argparse.SUPPRESS)
@@ -216,10 +247,14 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    sys.path.insert(0, str(ROOT))  # this checkout's config/ and the rest, for the checks and the random classifier
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "before").mkdir()
-        variants = {"before": baseline_tree(args.baseline, tmp / "before"), "after": ROOT}
+        variants = {"before": (baseline_tree(args.baseline, tmp / "before"), ""), "after": (ROOT, "")}
+        variants.update({f"after {v}": (ROOT, v) for v in args.variant})
+        for overrides in args.variant:  # a bad key stops here, before any variant runs
+            with_overrides(ROOT / "params.yaml", overrides)
         classifier = args.classifier.resolve() if args.classifier.is_dir() else random_classifier(tmp / "classifier")
         print(f"classifier {classifier}; baseline {args.baseline}; {os.cpu_count()} cores; "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
@@ -232,9 +267,9 @@ def main() -> None:
             make_photos(photos, args.images, width, height)
             best: dict[str, dict] = {}
             for round_ in range(args.repeats):
-                for name, code in variants.items():
-                    out = tmp / f"out-{size}-{name}-{round_}"
-                    result = run_variant(code, photos, classifier, out)
+                for k, (name, (code, overrides)) in enumerate(variants.items()):
+                    out = tmp / f"out-{size}-{k}-{round_}"
+                    result = run_variant(code, photos, classifier, out, overrides=overrides)
                     if name not in best or result["process"] < best[name]["process"]:
                         best[name] = {**result, "out": out}
             for name, r in best.items():
@@ -242,22 +277,26 @@ def main() -> None:
                 print(f"| {size} | {name} | {n} | {rate(n, r['dump_cams'])} | {rate(n, r['refine'])} | "
                       f"{rate(n, r['total'])} | {rate(n, r['process'])} | {r['process']:.1f} |",
                       flush=True)
-            b, a = best["before"], best["after"]
-            summary[size] = {"dump_cams": b["dump_cams"] / a["dump_cams"], "refine": b["refine"] / a["refine"],
-                             "stage": b["total"] / a["total"], "process": b["process"] / a["process"],
-                             **agreement(b["out"], a["out"])}
-        print("\n| size | dump_cams x | refine x | stage x | process x | same tags | pixel agreement |\n"
-              "| --- | --- | --- | --- | --- | --- | --- |")
-        for size, s in summary.items():
-            print(f"| {size} | {s['dump_cams']:.2f} | {s['refine']:.2f} | {s['stage']:.2f} | {s['process']:.2f} | "
-                  f"{s['same_tags']}/{s['images']} | {100 * s['pixel_agreement']:.2f}% |", flush=True)
+            b = best["before"]
+            for name in list(variants)[1:]:
+                a = best[name]
+                summary[size, name] = {"dump_cams": b["dump_cams"] / a["dump_cams"],
+                                       "refine": b["refine"] / a["refine"], "stage": b["total"] / a["total"],
+                                       "process": b["process"] / a["process"], **agreement(b["out"], a["out"])}
+        print("\n| size | variant | dump_cams x | refine x | stage x | process x | same tags | pixel agreement |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for (size, name), s in summary.items():
+            print(f"| {size} | {name} | {s['dump_cams']:.2f} | {s['refine']:.2f} | {s['stage']:.2f} | "
+                  f"{s['process']:.2f} | {s['same_tags']}/{s['images']} | {100 * s['pixel_agreement']:.2f}% |",
+                  flush=True)
         if args.embedded_rows:
             manifest = subset_manifest(args.manifest.resolve(), args.embedded_rows, tmp / "embedded-manifest")
             print(f"\nEmbedded train rows 0-{args.embedded_rows - 1} of {args.manifest}:\n\n| variant | CAM mIoU "
                   "(best) | pseudo-label mIoU | coverage | dump_cams img/s | refine img/s |\n"
                   "| --- | --- | --- | --- | --- | --- |")
-            for name, code in variants.items():
-                r = run_variant(code, manifest, classifier, tmp / f"embedded-{name}", embedded=True)
+            for k, (name, (code, overrides)) in enumerate(variants.items()):
+                r = run_variant(code, manifest, classifier, tmp / f"embedded-{k}", embedded=True,
+                                overrides=overrides)
                 print(f"| {name} | {r['cam_miou']} ({r['cam_best_miou']}) | {r['miou']} | {r['coverage']} | "
                       f"{rate(r['images'], r['dump_cams'])} | {rate(r['images'], r['refine'])} |", flush=True)
 
