@@ -32,6 +32,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -244,9 +245,9 @@ def run(params: Params, name: str, images_dir: Path, classifier_dir: Path, out_d
     tick = time.perf_counter()
     prepared = build_manifest(cfg.prepare, work / "manifest", progress=progress)
     timings["prepare"] = round(time.perf_counter() - tick, 2)
-    images = sum(prepared["images"].values())
-    if cfg.dump_cams.workers <= 1 and images > cfg.refine.batch_size and shard_map.will_pool(2, cfg.runtime):
-        # refine will fork a pool (pieces of whole PAR chunks): its server imports torch during the dump
+    chunks = math.ceil(sum(prepared["images"].values()) / cfg.refine.batch_size)  # refine's pieces (split_tasks)
+    if cfg.dump_cams.workers <= 1 and shard_map.will_pool(chunks, cfg.runtime):
+        # refine will fork a pool: its server imports torch during the dump
         shard_map.prestart(pseudo_labels.REFINE_TARGET)
     tick = time.perf_counter()
     cams = cam_dump.dump_cams(cfg, work / "manifest", classifier_dir, work / "cams", None, progress=progress)
