@@ -37,6 +37,7 @@ TINY = {
                   "decoder_channels": 16, "low_level_channels": 8},
         "augment": {"crop_size": 48},
         "optim": {"batch_size": 4, "iterations": 4},
+        "epochs": 0.0,  # exactly optim.iterations steps, whatever the test's image count
         "loop": {"eval_every": 2, "eval_images": 2, "checkpoint_every": 2, "log_every": 1},
     },
     "evaluate": {"scales": [1.0, 0.75], "overlays": 2, "confusion_rows": 100},

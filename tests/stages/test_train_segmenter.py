@@ -132,3 +132,14 @@ def test_schedule_from_epochs_scales_with_the_data():
     assert p.iterations(100) == 200  # never below optim.iterations
     accum = dataclasses.replace(p, optim=OptimConfig(iterations=1, batch_size=8, grad_accum=2))
     assert accum.iterations(1000) == 250
+
+
+def test_the_shipped_schedule_is_200_steps_on_the_embedded_set_and_grows_with_the_data():
+    from config.schema import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    p = params.train_segmenter
+    embedded = params.shapes.num_train
+    assert p.iterations(embedded) == p.optim.iterations == 200  # the README's make demo figures: 200 steps
+    assert p.iterations(10_582) > 10 * p.optim.iterations  # PASCAL VOC's train_aug: a longer run, no edit
+    assert p.iterations(300) == p.optim.iterations  # a small set keeps the floor
